@@ -1,0 +1,142 @@
+"""`litft convert_to_litft`, `litft convert_from_litft` and `litft download`.
+
+Conversion streams tensor by tensor from the source files (safetensors lazily, .bin memory-mapped),
+so a 7B model converts while holding one copy of its weights, never two.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from litft.checkpoint import (CONFIG, LITFT_FORMAT, WEIGHTS, check_checkpoint_dir, iter_safetensors, read_json,
+                              safetensors_metadata, save_checkpoint, save_safetensors, validate_state_dict)
+from litft.models.config import Config
+from litft.models.hf import config_from_hf, config_to_hf, hf_to_litft, litft_to_hf
+
+from litft.utils import LitftError, atomic_write_text
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The HF weight files of a directory: sharded (via the index) or single, safetensors preferred."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = hf_dir / index_name
+        if index.is_file():
+            files = sorted(set(read_json(index).get("weight_map", {}).values()))
+            missing = [f for f in files if not (hf_dir / f).is_file()]
+            if missing:
+                raise LitftError(f"{index}: lists shards that are not there: {missing[:3]}")
+            return [hf_dir / f for f in files]
+    files = sorted(p for p in hf_dir.glob("*.safetensors") if safetensors_metadata(p).get("litft") is None)
+    if files:
+        return files
+    files = sorted(hf_dir.glob("pytorch_model*.bin")) or sorted(hf_dir.glob("*.bin"))
+    if files:
+        return files
+    raise LitftError(f"{hf_dir}: no weights found (looked for *.safetensors, pytorch_model*.bin and their index "
+                     "files)")
+
+
+def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        if path.suffix == ".safetensors":
+            yield from iter_safetensors(path)
+            continue
+        try:  # weights_only: never unpickle arbitrary objects; mmap: no second copy in memory
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise LitftError(f"{path}: cannot load PyTorch weights (truncated, corrupt, or not weights-only): {e}") from e
+        yield from state.items()
+
+
+def convert_to_litft(hf_dir: Path, out_dir: Path | None = None, dtype: str | None = None) -> Path:
+    """Convert a Hugging Face checkpoint directory into a litft checkpoint.
+
+    Args:
+        hf_dir: directory with config.json and HF weights (safetensors, sharded or not, or .bin).
+        out_dir: where to write the litft checkpoint; default: in place, into hf_dir (an HF
+            `model.safetensors` there is replaced by the litft one, after the conversion succeeded).
+        dtype: cast the weights (float32, float16, bfloat16); default: keep the checkpoint's.
+    """
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise LitftError(f"{hf_dir}: directory not found")
+    config = config_from_hf(read_json(hf_dir / "config.json"), source=str(hf_dir / "config.json"))
+    if not config.name:
+        config.name = hf_dir.name
+    files = hf_weight_files(hf_dir)
+    cast = DTYPES[dtype] if dtype else None
+    if dtype and cast is None:
+        raise LitftError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    state_dict = {}
+    for name, tensor in hf_to_litft(config, iter_hf_tensors(files)):
+        state_dict[name] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
+    validate_state_dict(config, {k: v.shape for k, v in state_dict.items()}, files[0].parent)
+    out = save_checkpoint(state_dict, config, out_dir or hf_dir, tokenizer_dir=hf_dir)
+    print(f"Converted {hf_dir} ({config.family}, {sum(v.numel() for v in state_dict.values()):,} parameters) "
+          f"-> litft checkpoint {out}")
+    return out
+
+
+def convert_from_litft(checkpoint_dir: Path, out_dir: Path) -> Path:
+    """Convert a litft checkpoint into a Hugging Face one (config.json + model.safetensors +
+    tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads.
+
+    Args:
+        checkpoint_dir: a litft checkpoint (model.safetensors + model_config.yaml).
+        out_dir: the HF directory to write.
+    """
+    d = check_checkpoint_dir(checkpoint_dir)
+    out_dir = Path(out_dir)
+    config = Config.from_checkpoint(d)
+    state_dict = dict(iter_safetensors(d / WEIGHTS))
+    validate_state_dict(config, {k: v.shape for k, v in state_dict.items()}, d / WEIGHTS)
+    hf_state = litft_to_hf(config, state_dict)
+    del state_dict
+    dtype = next(iter(hf_state.values())).dtype
+    save_safetensors(hf_state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    from litft.tokenizer import copy_tokenizer_files
+
+    copy_tokenizer_files(d, out_dir)
+    hf_config = config_to_hf(config, dtype)
+    # Special token ids: from the generation config when there is one; else null, never a family
+    # default that may lie outside this vocabulary (Phi-3's default pad id is 32000).
+    gen = read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        hf_config[key] = gen.get(key)
+    atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    print(f"Wrote HF checkpoint {out_dir} ({config.family})")
+    return out_dir
+
+
+HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors"]
+
+
+def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_token: str | None = None,
+             dtype: str | None = None) -> Path:
+    """Fetch a Hugging Face model repo (safetensors + tokenizer files) and convert it to litft.
+
+    Args:
+        repo_id: a hub repo such as "HuggingFaceTB/SmolLM2-135M" (or a local directory laid out like one).
+        checkpoint_dir: the parent folder; the checkpoint lands in checkpoint_dir/repo_id.
+        access_token: hub token for gated models (default: the HF_TOKEN environment variable).
+        dtype: cast the weights while converting (float32, float16, bfloat16).
+    """
+    out = Path(checkpoint_dir) / (Path(repo_id).name if Path(repo_id).is_dir() else repo_id)
+    if Path(repo_id).is_dir():  # a local snapshot: copy only what a hub download would bring
+        out.mkdir(parents=True, exist_ok=True)
+        for pattern in HUB_PATTERNS + ["*.bin"]:
+            for f in Path(repo_id).glob(pattern):
+                shutil.copy2(f, out / f.name)
+    else:
+        from huggingface_hub import HfApi, snapshot_download
+
+        files = HfApi(token=access_token).list_repo_files(repo_id)
+        patterns = HUB_PATTERNS if any(f.endswith(".safetensors") for f in files) else HUB_PATTERNS + ["*.bin"]
+        snapshot_download(repo_id, local_dir=out, allow_patterns=patterns, token=access_token)
+    return convert_to_litft(out, dtype=dtype)

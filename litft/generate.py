@@ -1,0 +1,115 @@
+"""Token generation with the KV cache, and `litft generate`."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from litft.models.gpt import GPT
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): greedy when temperature == 0."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already hold top_p of the mass (always keep the first)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    eos_ids: set[int] | tuple[int, ...] = (),
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Prompt (T,) -> prompt + up to max_new_tokens new tokens (stops after an eos id)."""
+    if prompt.ndim != 1 or prompt.numel() == 0:
+        raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
+    total = prompt.numel() + max_new_tokens
+    tokens = prompt.unsqueeze(0).to(model.embed.weight.device)
+    was_training = model.training
+    model.eval()
+    if use_cache:
+        model.set_kv_cache(1, total)
+    try:
+        pos, step_input = 0, tokens
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = model(step_input, input_pos=pos, output="last")
+                pos += step_input.shape[1]
+            else:
+                logits = model(tokens, output="last")
+            nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            step_input = nxt[:, None]
+            if int(nxt) in eos_ids:
+                break
+    finally:
+        if use_cache:
+            model.clear_kv_cache()
+        model.train(was_training)
+    return tokens[0]
+
+
+def main(
+    checkpoint_dir: Path,
+    prompt: str = "What food do llamas eat?",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    seed: int = 42,
+    prompt_style: str | None = None,
+    precision: str = "32-true",
+) -> str:
+    """Generate text from a litft checkpoint.
+
+    Args:
+        checkpoint_dir: a litft checkpoint directory (e.g. from `litft convert_to_litft` or `litft merge_lora`).
+        prompt: the text to continue.
+        max_new_tokens: how many tokens to generate at most (stops earlier at an end-of-sequence token).
+        temperature: 0 for greedy decoding; higher is more random.
+        top_k: sample only among the k most likely tokens (None: all).
+        top_p: nucleus sampling: sample among the smallest set of tokens holding this much probability.
+        seed: random seed for sampling.
+        prompt_style: wrap the prompt in a template first (e.g. alpaca, chatml, llama3); default none.
+        precision: 32-true, bf16-true or 16-true.
+    """
+    from litft.checkpoint import load_model
+    from litft.tokenizer import Tokenizer
+
+    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}[precision]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(checkpoint_dir, device=device, dtype=dtype)
+    tokenizer = Tokenizer(checkpoint_dir)
+    if prompt_style:
+        from litft.data.prompts import PromptStyle
+
+        prompt = PromptStyle.from_name(prompt_style).apply(prompt)
+    ids = tokenizer.encode(prompt)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.perf_counter()
+    out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_ids, generator=gen)
+    dt = time.perf_counter() - t0
+    text = tokenizer.decode(out[ids.numel():], skip_special_tokens=True)
+    print(prompt + text)
+    n = out.numel() - ids.numel()
+    print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tokens/s]", flush=True)
+    return text

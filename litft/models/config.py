@@ -1,0 +1,168 @@
+"""The model config: one dataclass, and named configs as plain data.
+
+A new family is a set of field values here plus a weight-name map in `hf.py`; the model code in
+`gpt.py` reads only these fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt_neox")
+
+
+@dataclass
+class Config:
+    name: str = ""
+    family: str = "llama"  # selects the HF name map and config.json dialect (see hf.py)
+    hf_repo: str = ""  # where `litft download` fetches it from, for named configs
+    vocab_size: int = 32000
+    n_layer: int = 2
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: = n_head (MHA); fewer: GQA / MQA
+    head_dim: int | None = None  # None: n_embd // n_head (Gemma sets it explicitly)
+    intermediate_size: int = 688
+    max_seq_length: int = 2048  # HF max_position_embeddings
+    # normalisation
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    # MLP
+    mlp: Literal["gated", "plain"] = "gated"  # gated: down(act(gate(x)) * up(x)); plain: down(act(up(x)))
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    # biases
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = False  # LayerNorm bias (GPT-NeoX)
+    # block shape
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    # positions
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # partial rotary: only the first fraction of head_dim rotates
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    sliding_window: int | None = None
+    # embeddings / head
+    tie_embeddings: bool = False
+    scale_embeddings: bool = False  # Gemma: embeddings * sqrt(n_embd)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"Config {self.name!r}: unknown family {self.family!r}; expected one of {FAMILIES}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"Config {self.name!r}: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"Config {self.name!r}: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise ValueError(
+                    f"Config {self.name!r}: rope scaling type {kind!r} is not supported "
+                    "(supported: default, linear, llama3)"
+                )
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    # -- named configs and yaml -------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in name_to_config:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(name_to_config), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"No named config {name!r}.{hint} Known: {', '.join(sorted(name_to_config))}")
+        return cls(**{**name_to_config[name], **overrides})
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no model config file (a litft checkpoint holds model_config.yaml)")
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown model config keys {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path | str) -> "Config":
+        return cls.from_file(Path(checkpoint_dir) / "model_config.yaml")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path | str) -> None:
+        from litft.utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Named configs: the real checkpoints litft knows how to download and convert. Each row is plain data.
+_llama2 = dict(family="llama", vocab_size=32000, norm_eps=1e-5, max_seq_length=4096)
+configs: list[dict[str, Any]] = [
+    # Llama 2
+    dict(name="Llama-2-7b-hf", hf_repo="meta-llama/Llama-2-7b-hf", n_layer=32, n_embd=4096, n_head=32,
+         intermediate_size=11008, **_llama2),
+    dict(name="Llama-2-13b-hf", hf_repo="meta-llama/Llama-2-13b-hf", n_layer=40, n_embd=5120, n_head=40,
+         intermediate_size=13824, **_llama2),
+    # Llama 3.x
+    dict(name="Llama-3.1-8B", hf_repo="meta-llama/Llama-3.1-8B", family="llama", vocab_size=128256, n_layer=32,
+         n_embd=4096, n_head=32, n_kv_head=8, intermediate_size=14336, max_seq_length=131072, rope_theta=500000.0,
+         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=8192)),
+    dict(name="Llama-3.2-1B", hf_repo="meta-llama/Llama-3.2-1B", family="llama", vocab_size=128256, n_layer=16,
+         n_embd=2048, n_head=32, n_kv_head=8, intermediate_size=8192, max_seq_length=131072, rope_theta=500000.0,
+         tie_embeddings=True,
+         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=8192)),
+    # Mistral
+    dict(name="Mistral-7B-v0.1", hf_repo="mistralai/Mistral-7B-v0.1", family="mistral", vocab_size=32000,
+         n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, intermediate_size=14336, max_seq_length=32768,
+         sliding_window=4096),
+    # Qwen2 / 2.5
+    dict(name="Qwen2.5-0.5B", hf_repo="Qwen/Qwen2.5-0.5B", family="qwen2", vocab_size=151936, n_layer=24, n_embd=896,
+         n_head=14, n_kv_head=2, intermediate_size=4864, max_seq_length=32768, rope_theta=1000000.0, norm_eps=1e-6,
+         qkv_bias=True, tie_embeddings=True),
+    # SmolLM2 / TinyLlama: Llama shape
+    dict(name="SmolLM2-135M", hf_repo="HuggingFaceTB/SmolLM2-135M", family="llama", vocab_size=49152, n_layer=30,
+         n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536, max_seq_length=8192, rope_theta=100000.0,
+         tie_embeddings=True),
+    dict(name="SmolLM2-360M", hf_repo="HuggingFaceTB/SmolLM2-360M", family="llama", vocab_size=49152, n_layer=32,
+         n_embd=960, n_head=15, n_kv_head=5, intermediate_size=2560, max_seq_length=8192, rope_theta=100000.0,
+         tie_embeddings=True),
+    dict(name="TinyLlama-1.1B", hf_repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", family="llama",
+         vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_kv_head=4, intermediate_size=5632,
+         max_seq_length=2048),
+    # Phi-3
+    dict(name="Phi-3-mini-4k-instruct", hf_repo="microsoft/Phi-3-mini-4k-instruct", family="phi3", vocab_size=32064,
+         n_layer=32, n_embd=3072, n_head=32, intermediate_size=8192, max_seq_length=4096),
+    # Gemma
+    dict(name="gemma-2b", hf_repo="google/gemma-2b", family="gemma", vocab_size=256000, n_layer=18, n_embd=2048,
+         n_head=8, n_kv_head=1, head_dim=256, intermediate_size=16384, max_seq_length=8192, norm_eps=1e-6,
+         norm_unit_offset=True, activation="gelu_tanh", tie_embeddings=True, scale_embeddings=True),
+    # GPT-NeoX / Pythia
+    dict(name="pythia-160m", hf_repo="EleutherAI/pythia-160m", family="gpt_neox", vocab_size=50304, n_layer=12,
+         n_embd=768, n_head=12, intermediate_size=3072, max_seq_length=2048, norm="layernorm", norm_bias=True,
+         mlp="plain", activation="gelu", qkv_bias=True, o_bias=True, mlp_bias=True, parallel_residual=True,
+         rotary_fraction=0.25),
+    # litft's own small base model for the demo (see litft/demo.py)
+    dict(name="litft-demo", family="llama", vocab_size=512, n_layer=4, n_embd=192, n_head=6, n_kv_head=2,
+         intermediate_size=512, max_seq_length=256, tie_embeddings=True),
+]
+name_to_config: dict[str, dict[str, Any]] = {c["name"]: c for c in configs}

@@ -1,0 +1,165 @@
+"""The model against transformers: same random weights, converted both ways, equal logits."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from litft.checkpoint import load_model
+from litft.convert import convert_from_litft, convert_to_litft
+from litft.generate import generate
+from litft.models.config import Config, configs
+from litft.models.gpt import GPT
+
+V = 160
+_common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128)
+
+
+def hf_configs():
+    from transformers import (GemmaConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config)
+
+    return {
+        "llama2": LlamaConfig(**_common, num_attention_heads=4, num_key_value_heads=4),
+        "llama3": LlamaConfig(**_common, num_attention_heads=4, num_key_value_heads=2, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16)),
+        "mistral": MistralConfig(**_common, num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+        "qwen2": Qwen2Config(**_common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        "smollm2": LlamaConfig(**_common, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                               rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
+        "phi3": Phi3Config(**_common, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2),
+        "gemma": GemmaConfig(**_common, num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+        "pythia": GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25),
+        "neox-sequential": GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
+                                         use_parallel_residual=False, tie_word_embeddings=False),
+    }
+
+
+FAMILIES = list(hf_configs())
+
+
+def make_hf_model(name: str, path, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_configs()[name]
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # perturb every tensor, so norms and biases are not at their trivial init
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_load(path):
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # missing/unexpected keys are reported as warnings
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.float().eval()
+
+
+def to_v4_dialect(config_path):
+    """Rewrite a transformers-5 config.json (rope_parameters) into the 4.x form (top-level keys)."""
+    hf = json.loads(config_path.read_text())
+    rope = hf.pop("rope_parameters", None) or {}
+    hf["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    partial = rope.pop("partial_rotary_factor", None)
+    if partial is not None:
+        hf["rotary_pct" if hf["model_type"] == "gpt_neox" else "partial_rotary_factor"] = partial
+    if hf["model_type"] == "gpt_neox":
+        hf["rotary_emb_base"] = hf.pop("rope_theta")
+    hf["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    config_path.write_text(json.dumps(hf))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("dialect", ["v5", "v4"])
+def test_logits_match_transformers_both_directions(name, dialect, tmp_path):
+    hf_dir, lit_dir, back_dir = tmp_path / "hf", tmp_path / "lit", tmp_path / "back"
+    hf_model = make_hf_model(name, hf_dir)
+    if dialect == "v4":
+        to_v4_dialect(hf_dir / "config.json")
+    convert_to_litft(hf_dir, lit_dir)
+    model = load_model(lit_dir).eval()
+    torch.manual_seed(1)
+    x = torch.randint(0, V, (2, 24))  # 24 > mistral's sliding window of 8: the window is exercised
+    with torch.no_grad():
+        expected = hf_model(x).logits
+        got = model(x)
+    assert (got - expected).abs().max() <= 1e-4
+
+    convert_from_litft(lit_dir, back_dir)
+    back = hf_load(back_dir)
+    with torch.no_grad():
+        again = back(x).logits
+    assert (again - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "gemma", "pythia", "phi3"])
+def test_greedy_generation_matches_transformers(name, tmp_path):
+    hf_model = make_hf_model(name, tmp_path / "hf", seed=3)
+    convert_to_litft(tmp_path / "hf", tmp_path / "lit")
+    model = load_model(tmp_path / "lit")
+    prompt = torch.tensor([5, 17, 42, 7, 99, 3])
+    n_new = 20  # prompt + 20 > mistral's window of 8: cached decoding with a window is exercised
+    with torch.no_grad():
+        ref = hf_model.generate(prompt[None], max_new_tokens=n_new, do_sample=False, eos_token_id=None,
+                                pad_token_id=0, min_new_tokens=n_new)[0]
+    cached = generate(model, prompt, n_new)
+    uncached = generate(model, prompt, n_new, use_cache=False)
+    assert cached.tolist() == ref.tolist()
+    assert uncached.tolist() == cached.tolist()
+
+
+def test_packed_segments_equal_separate_samples():
+    """Two samples packed in one row (segment_ids + restarted positions) give each sample's own logits."""
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=V)).eval()
+    a, b = torch.randint(0, V, (1, 7)), torch.randint(0, V, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    seg = torch.tensor([[1] * 7 + [2] * 5])
+    pos = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():
+        out = model(packed, position_ids=pos, segment_ids=seg)
+        assert torch.allclose(out[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+
+
+def test_chunked_cross_entropy_equals_full_and_grads():
+    from litft.models.gpt import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=1, n_embd=32, n_head=2, intermediate_size=64, vocab_size=V))
+    x = torch.randint(0, V, (2, 20))
+    labels = x.clone()
+    labels[:, :5] = -100
+    hidden = model(x, output="hidden")
+    loss_sum, n = chunked_cross_entropy(model.lm_head, hidden, labels, chunk_size=7)
+    (loss_sum / n).backward()
+    g_chunked = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits = model(x)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    ref.backward()
+    assert n == 2 * 15  # 19 shifted targets per row, 4 of them masked
+    assert torch.allclose(loss_sum / n, ref, atol=1e-6)
+    assert torch.allclose(g_chunked, model.lm_head.weight.grad, atol=1e-6)
+
+
+def test_named_configs_build():
+    for c in configs:
+        cfg = Config.from_name(c["name"])
+        with torch.device("meta"):
+            GPT(cfg)
+    with pytest.raises(ValueError, match="Did you mean"):
+        Config.from_name("SmolLM2-135")
