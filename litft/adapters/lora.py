@@ -1,0 +1,168 @@
+"""LoRA: low-rank adapters on top of a frozen Linear (Hu et al., 2021).
+
+    y = base(x) + scaling * B @ A @ dropout(x)
+
+with ``A`` (r x in) kaiming-uniform initialised and ``B`` (out x r) zeros, so a freshly
+wrapped layer computes exactly what the base layer did. ``scaling`` is ``alpha / r``
+(or ``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023, which keeps the update's
+magnitude stable as r grows).
+
+The base layer is kept as ``self.base_layer`` and only ever *called* in ``forward``, so
+any module mapping in_features -> out_features works (plain ``nn.Linear``, bitsandbytes
+``Linear4bit`` / ``Linear8bitLt`` for QLoRA, ...). Only ``merge`` / ``unmerge`` need to
+touch the base weight, and they insist on a plain floating-point weight.
+
+Subclasses (DoRA, ...) are expected to override ``forward`` / ``delta_weight`` and can
+reuse the validation, init and merge bookkeeping here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LoRALinear", "lora_scaling"]
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """``alpha / r`` (classic LoRA) or ``alpha / sqrt(r)`` (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _features(base_layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like module.
+
+    Prefer the attributes: quantized layers (bnb Linear4bit) store a packed weight whose
+    shape is not (out, in)."""
+    in_f = getattr(base_layer, "in_features", None)
+    out_f = getattr(base_layer, "out_features", None)
+    if in_f is None or out_f is None:
+        weight = getattr(base_layer, "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise TypeError(
+                f"LoRALinear needs a Linear-like base layer with in_features/out_features or a 2-D "
+                f"`.weight`; got {type(base_layer).__name__}"
+            )
+        out_f, in_f = weight.shape
+    return int(in_f), int(out_f)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``base_layer`` plus a trainable low-rank update ``scaling * B @ A``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        # bool is an int subclass; reject it so `r=True` is not silently rank 1.
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
+            raise ValueError(f"LoRA alpha must be a number > 0, got {alpha!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"LoRA dropout must satisfy 0 <= dropout < 1, got {dropout!r}")
+
+        self.base_layer = base_layer
+        self.in_features, self.out_features = _features(base_layer)
+        self.r = r
+        self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(r, self.alpha, use_rslora)
+        # None (not nn.Dropout(0)) so forward skips the op entirely when p == 0.
+        self.lora_dropout: nn.Module | None = nn.Dropout(dropout) if dropout > 0 else None
+        self.merged = False
+
+        # Adapter lives where the base weight lives. Quantized bases store uint8/int8
+        # weights, so fall back to fp32 there (QLoRA trains the adapter in higher precision).
+        weight = getattr(base_layer, "weight", None)
+        device = weight.device if weight is not None else None
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        self.reset_lora_parameters()
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if self.lora_dropout is not None else 0.0
+
+    def reset_lora_parameters(self) -> None:
+        # Same init as nn.Linear's weight for A (bound = 1/sqrt(in)); B = 0 makes the
+        # initial update exactly zero so training starts from the base model.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------ forward
+    def lora_forward(self, x: Tensor) -> Tensor:
+        """The adapter path alone, in the adapter's dtype: ``scaling * B A dropout(x)``."""
+        x = x.to(self.lora_A.dtype)
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x)
+        # Two skinny matmuls (in->r->out) instead of materialising the out x in delta.
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        if self.merged:  # the update already lives inside the base weight
+            return result
+        return result + self.lora_forward(x).to(result.dtype)
+
+    # -------------------------------------------------------------------- merge
+    def delta_weight(self) -> Tensor:
+        """``scaling * B @ A`` as an (out, in) fp32 tensor (fp32 so merging into bf16
+        weights rounds only once)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def _mergeable_weight(self) -> Tensor:
+        weight = getattr(self.base_layer, "weight", None)
+        # bnb's Params4bit / Int8Params subclass nn.Parameter, so test the exact type:
+        # merging into a packed/quantized weight would silently corrupt it.
+        if (
+            weight is None
+            or type(weight) not in (nn.Parameter, Tensor)
+            or not weight.is_floating_point()
+        ):
+            kind = "no weight" if weight is None else f"{type(weight).__name__} ({weight.dtype})"
+            raise TypeError(
+                f"cannot merge LoRA into {type(self.base_layer).__name__} with {kind}: merging "
+                "requires a plain floating-point Linear weight (dequantize quantized bases first)"
+            )
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"base weight shape {tuple(weight.shape)} != (out, in) = "
+                f"({self.out_features}, {self.in_features}); cannot merge"
+            )
+        return weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``scaling * B @ A`` into the base weight in place (computed in fp32, stored
+        in the weight's dtype). Afterwards ``forward`` only runs the base layer."""
+        if self.merged:
+            raise RuntimeError("LoRA layer is already merged; call unmerge() first")
+        weight = self._mergeable_weight()
+        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            raise RuntimeError("LoRA layer is not merged; nothing to unmerge")
+        weight = self._mergeable_weight()
+        weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+            f"use_rslora={self.use_rslora}, merged={self.merged}"
+        )
