@@ -1,0 +1,153 @@
+"""The `litft` command line: jsonargparse builds every option and its help from signatures and docstrings.
+
+`litft finetune <method>` takes the run options of `litft.train.finetune` plus the init args of the
+method's module (walking `**kwargs` up to `Finetune`), so a new method class gets its command by
+adding one entry to FINETUNE_METHODS.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import docstring_parser
+
+from litft.utils import LitftError
+
+_RUN_EXCLUDE = ("method", "run_config")
+
+
+def _param_docs(fn: Callable) -> dict[str, str]:
+    return {p.arg_name: p.description or "" for p in docstring_parser.parse(inspect.getdoc(fn) or "").params}
+
+
+def method_parameters(cls: type) -> tuple[list[inspect.Parameter], dict[str, str]]:
+    """Init parameters of a method class and its bases, following `**kwargs` up the MRO."""
+    params: dict[str, inspect.Parameter] = {}
+    docs: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__, eval_str=True)
+        for p in list(sig.parameters.values())[1:]:
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in params:
+                continue
+            params[p.name] = p.replace(kind=p.KEYWORD_ONLY)
+        for k, v in _param_docs(klass.__init__).items():
+            docs.setdefault(k, v)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    # required (no default) first, so the combined signature is valid
+    ordered = sorted(params.values(), key=lambda p: p.default is not inspect.Parameter.empty)
+    return ordered, docs
+
+
+def init_args_of(obj: Any) -> dict[str, Any]:
+    params, _ = method_parameters(type(obj))
+    return {p.name: getattr(obj, p.name) for p in params if hasattr(obj, p.name)}
+
+
+def to_yaml_value(value: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(value):
+        return {k: to_yaml_value(v) for k, v in asdict(value).items()}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple, set)):
+        return [to_yaml_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_yaml_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}",
+            "init_args": to_yaml_value(init_args_of(value))}
+
+
+def finetune_command(method_cls: type) -> Callable[..., Any]:
+    from litft.train import finetune
+
+    run_sig = inspect.signature(finetune, eval_str=True)
+    run_params = [p.replace(kind=p.KEYWORD_ONLY) for n, p in run_sig.parameters.items() if n not in _RUN_EXCLUDE]
+    m_params, m_docs = method_parameters(method_cls)
+    docs = {**_param_docs(finetune), **m_docs}
+    run_names = {p.name for p in run_params}
+
+    def command(**kwargs: Any) -> dict[str, float]:
+        run_kwargs = {k: v for k, v in kwargs.items() if k in run_names}
+        method_kwargs = {k: v for k, v in kwargs.items() if k not in run_names}
+        if run_kwargs.get("data") is None:
+            raise LitftError("no data: pass --data JSON --data.json_path FILE (or a --config with a data section)")
+        run_config = {k: to_yaml_value(v) for k, v in kwargs.items()}
+        method = method_cls(**method_kwargs)
+        return finetune(method, run_config=run_config, **run_kwargs)
+
+    required = [p for p in m_params if p.default is inspect.Parameter.empty]
+    optional = [p for p in m_params if p.default is not inspect.Parameter.empty]
+    command.__signature__ = inspect.Signature(required + run_params + optional)
+    summary = (inspect.getdoc(method_cls) or f"Fine-tune with {method_cls.__name__}.").split("\n")[0]
+    lines = [summary, "", "Args:"]
+    for p in command.__signature__.parameters.values():
+        lines.append(f"    {p.name}: {' '.join(docs.get(p.name, '').split())}")
+    command.__doc__ = "\n".join(lines)
+    command.__name__ = method_cls.__name__.lower()
+    return command
+
+
+def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Merge a trained adapter into its base model and write a plain litft checkpoint.
+
+    Args:
+        adapter_dir: the `final/` (or `step-N/`) directory of an adapter fine-tuning run.
+        checkpoint_dir: the base model; default: the one the run was trained from.
+        out_dir: where to write the merged checkpoint; default: adapter_dir/merged.
+    """
+    from litft.checkpoint import save_checkpoint
+    from litft.methods.base import load_method
+
+    method = load_method(adapter_dir, checkpoint_dir)
+    model = method.merged_model()
+    config = model.config
+    if config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        config.tie_embeddings = False  # an adapted head was merged: it is no longer the embedding
+    out = Path(out_dir) if out_dir else Path(adapter_dir) / "merged"
+    save_checkpoint(model.state_dict(), config, out, tokenizer_dir=method.checkpoint_dir)
+    print(f"Merged {adapter_dir} into {method.checkpoint_dir} -> {out}")
+    return out
+
+
+def _finetune_methods() -> dict[str, Any]:
+    from litft.methods.full import Full
+    from litft.methods.lora import LoRA
+
+    return {"_help": "Fine-tune a model with one of litft's methods.", "lora": finetune_command(LoRA),
+            "full": finetune_command(Full)}
+
+
+def commands() -> dict[str, Any]:
+    from litft.convert import convert_from_litft, convert_to_litft, download
+    from litft.generate import main as generate
+
+    return {
+        "finetune": _finetune_methods(),
+        "merge_lora": merge_lora,
+        "generate": generate,
+        "convert_to_litft": convert_to_litft,
+        "convert_from_litft": convert_from_litft,
+        "download": download,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    try:
+        CLI(commands(), args=argv)
+    except LitftError as e:
+        print(f"litft: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""LoRA (arXiv 2106.09685): frozen base, a trainable low-rank update B·A on chosen Linear layers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import yaml
+
+from litft.adapters.inject import (adapter_state_dict, inject_adapters, load_adapter_state_dict,
+                                   mark_only_adapters_trainable, resolve_targets, save_adapter, unload_adapters)
+from litft.adapters.lora import LoRALinear
+from litft.methods.base import METHOD_CONFIG, Finetune
+from litft.models.gpt import GPT
+from litft.tokenizer import copy_tokenizer_files
+from litft.utils import atomic_write_text
+
+
+class LoRA(Finetune):
+    weights_file = "adapter.safetensors"
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.05,
+        targets: list[str] = ["all-linear"],
+        bias: str = "none",
+        use_rslora: bool = False,
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            r: LoRA rank.
+            alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
+            dropout: dropout on the adapter's input.
+            targets: layers to adapt: any of q, k, v, o, gate, up, down, lm_head, or all-linear (all but lm_head).
+            bias: which biases also train: none, all, or lora_only (biases of adapted layers).
+            use_rslora: rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732).
+        """
+        super().__init__(**kwargs)
+        self.targets = resolve_targets(targets)  # validates names early, before any model loads
+        self.r, self.alpha, self.dropout, self.bias, self.use_rslora = r, alpha, dropout, bias, use_rslora
+
+    def make_adapter(self, name: str, linear: nn.Module) -> nn.Module:
+        return LoRALinear(linear, self.r, self.alpha, self.dropout, self.use_rslora)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        self.model.requires_grad_(False)
+        inject_adapters(self.model, self.targets, self.make_adapter)
+        mark_only_adapters_trainable(self.model, self.bias)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return adapter_state_dict(self.model, self.bias)
+
+    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        load_adapter_state_dict(self.model, state_dict)
+
+    def save_final(self, out_dir: Path) -> None:
+        """Adapter weights (a few MB) + how to rebuild the method; the base model stays where it is."""
+        save_adapter(out_dir / self.weights_file, self.trainable_state_dict(), {"method": type(self).__name__})
+        copy_tokenizer_files(self.checkpoint_dir, out_dir)
+        atomic_write_text(out_dir / METHOD_CONFIG, yaml.safe_dump(self.method_config(), sort_keys=False))
+
+    def merged_model(self) -> GPT:
+        """The base model with B·A folded into its weights and the wrappers removed."""
+        return unload_adapters(self.model, merge=True)

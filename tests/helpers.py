@@ -1,0 +1,55 @@
+"""Tiny real checkpoints for tests: a BPE tokenizer trained on the fly and a random-init GPT."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from litft.checkpoint import save_checkpoint
+from litft.models.config import Config
+from litft.models.gpt import GPT
+
+LETTERS = "abcdefghij"
+
+
+def write_tokenizer(d: Path, vocab_size: int = 300) -> None:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Below is an instruction that describes a task. Write a response that appropriately completes "
+              "the request.", "### Instruction:\n### Input:\n### Response:\n", "Repeat the letter: " + LETTERS] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=[AddedToken(t, special=True, normalized=False)
+                                                  for t in ("<s>", "</s>", "<pad>")],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True}))
+
+
+def make_checkpoint(d: Path, seed: int = 0, **overrides) -> Path:
+    """A litft checkpoint: tiny Llama-shape GPT (random init) + a BPE tokenizer."""
+    write_tokenizer(d / "tok")
+    cfg = Config(**{**dict(name="tiny", vocab_size=320, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                           intermediate_size=128, max_seq_length=128), **overrides})
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    save_checkpoint(model.state_dict(), cfg, d, tokenizer_dir=d / "tok")
+    return d
+
+
+def make_task(path: Path, n: int = 64, seed: int = 0) -> Path:
+    """A learnable task: repeat the given letter three times."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        c = rng.choice(LETTERS)
+        records.append({"instruction": "Repeat the letter", "input": c, "output": c * 3})
+    path.write_text(json.dumps(records))
+    return path
