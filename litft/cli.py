@@ -15,7 +15,7 @@ import docstring_parser
 
 from litft.utils import LitftError
 
-_RUN_EXCLUDE = ("method", "run_config")
+_RUN_EXCLUDE = ("method",)
 
 
 def _param_docs(fn: Callable) -> dict[str, str]:
@@ -79,9 +79,7 @@ def finetune_command(method_cls: type) -> Callable[..., Any]:
         method_kwargs = {k: v for k, v in kwargs.items() if k not in run_names}
         if run_kwargs.get("data") is None:
             raise LitftError("no data: pass --data JSON --data.json_path FILE (or a --config with a data section)")
-        run_config = {k: to_yaml_value(v) for k, v in kwargs.items()}
-        method = method_cls(**method_kwargs)
-        return finetune(method, run_config=run_config, **run_kwargs)
+        return finetune(method_cls(**method_kwargs), **run_kwargs)
 
     required = [p for p in m_params if p.default is inspect.Parameter.empty]
     optional = [p for p in m_params if p.default is not inspect.Parameter.empty]
@@ -139,11 +137,17 @@ def commands() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> Any:
+    """Parse `argv` and run the command; returns its result (tests call this)."""
     from jsonargparse import CLI
 
+    return CLI(commands(), args=argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: user errors become one line on stderr and exit code 1."""
     try:
-        CLI(commands(), args=argv)
+        run(argv)
     except LitftError as e:
         print(f"litft: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -12,7 +12,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -94,9 +94,27 @@ def finetune(
     seed: int = 42,
     resume: bool | Path = False,
     logger_name: str = "tensorboard",
-    run_config: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Launch Fabric and train `method` on `data`; returns the final metrics."""
+    """Launch Fabric and train `method` on `data`; returns the final metrics.
+
+    Args:
+        data: the training data, e.g. `--data JSON --data.json_path train.json`.
+        out_dir: where logs, step-N checkpoints and final/ go.
+        train: training loop settings.
+        eval: evaluation settings.
+        devices: number of devices (GPUs, or CPU processes with strategy ddp).
+        strategy: auto, ddp, ...
+        precision: 32-true, bf16-true, bf16-mixed, 16-mixed; default bf16-true on GPUs with bf16, else 32-true.
+        seed: random seed (data order, init, dropout).
+        resume: true to continue from the latest out_dir/step-N, or a step-N directory.
+        logger_name: tensorboard (logs under out_dir/logs) or none.
+    """
+    from litft.cli import to_yaml_value
+
+    # The resolved run config, in the layout `litft finetune <method> --config` reads back.
+    run_config = {**method.method_config()["init_args"], **{k: to_yaml_value(v) for k, v in dict(
+        data=data, out_dir=out_dir, train=train, eval=eval, devices=devices, strategy=strategy, precision=precision,
+        seed=seed, resume=resume, logger_name=logger_name).items()}}
     if precision is None:
         precision = default_precision()
         if not torch.cuda.is_available():
@@ -126,7 +144,7 @@ def check_train_args(train: TrainArgs, devices: int) -> None:
 
 
 def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, train: TrainArgs, eval: EvalArgs,
-        seed: int, resume: bool | Path, run_config: dict[str, Any] | None) -> dict[str, float]:
+        seed: int, resume: bool | Path, run_config: dict[str, Any]) -> dict[str, float]:
     fabric.seed_everything(seed)
     world, rank = fabric.world_size, fabric.global_rank
     tokenizer = Tokenizer(method.checkpoint_dir)
@@ -139,10 +157,13 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
     accum = train.global_batch_size // (train.micro_batch_size * world)
     train_sampler = DistributedSampler(data.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                        drop_last=True)
+    # Own generators: a DataLoader iterator otherwise draws from the global RNG, which would shift
+    # the dropout stream of a resumed run by one draw.
     train_loader = DataLoader(data.train_dataset, batch_size=train.micro_batch_size, sampler=train_sampler,
-                              collate_fn=data.collate_fn, drop_last=True)
+                              collate_fn=data.collate_fn, drop_last=True, generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(data.val_dataset, batch_size=train.micro_batch_size, collate_fn=data.collate_fn,
-                            sampler=DistributedSampler(data.val_dataset, world, rank, shuffle=False))
+                            sampler=DistributedSampler(data.val_dataset, world, rank, shuffle=False),
+                            generator=torch.Generator().manual_seed(seed))
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
         raise LitftError(f"the training set ({len(data.train_dataset)} samples) is smaller than one global batch "
@@ -157,8 +178,7 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
         state = load_resume_state(fabric, method, optimizer, scheduler, out_dir, resume)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if run_config is not None:
-            atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         n_train = sum(p.numel() for p in method.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in method.parameters())
         fabric.print(f"{type(method).__name__}: {n_train:,} trainable / {n_total:,} parameters; "
@@ -170,7 +190,7 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
         metrics["exact_match_before"] = exact_match(method, tokenizer, data, eval)
         fabric.print(f"Exact match before fine-tuning: {metrics['exact_match_before']:.1%}")
     if eval.initial_validation and state["step"] == 0:
-        validate(fabric, method, val_loader, tokenizer, data, eval, step=0)
+        metrics["val_loss_before"] = validate(fabric, method, val_loader, tokenizer, data, eval, step=0)
 
     batches = micro_batches(train_loader, train_sampler, state)
     progress = _progress_bar(fabric, total_steps, state["step"])
@@ -235,8 +255,7 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
 
 def _save_final(method: Finetune, d: Path, out_dir: Path) -> None:
     method.save_final(d)
-    if (out_dir / "config.yaml").is_file():
-        shutil.copy2(out_dir / "config.yaml", d / "run_config.yaml")
+    shutil.copy2(out_dir / "config.yaml", d / "run_config.yaml")
 
 
 def micro_batches(loader: DataLoader, sampler: DistributedSampler, state: dict[str, int]) -> Iterator[dict]:
@@ -386,12 +405,3 @@ def _progress_bar(fabric: L.Fabric, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-
-def as_config(value: Any) -> Any:
-    """Plain YAML-able form of a run config value (dataclasses, paths, data modules)."""
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value

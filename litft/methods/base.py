@@ -19,7 +19,7 @@ import lightning as L
 import torch
 import yaml
 
-from litft.checkpoint import load_model, save_checkpoint
+from litft.checkpoint import check_checkpoint_dir, load_model, save_checkpoint
 from litft.models.gpt import GPT, chunked_cross_entropy
 from litft.utils import LitftError, atomic_write_text
 
@@ -56,7 +56,7 @@ class Finetune(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()  # collects the init args of every subclass too: see method_config()
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = check_checkpoint_dir(checkpoint_dir)  # fail before any work, with a clear message
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise LitftError("need lr > 0, weight_decay >= 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         self.model: GPT | None = None
