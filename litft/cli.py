@@ -19,7 +19,10 @@ _RUN_EXCLUDE = ("method",)
 
 
 def _param_docs(fn: Callable) -> dict[str, str]:
-    return {p.arg_name: p.description or "" for p in docstring_parser.parse(inspect.getdoc(fn) or "").params}
+    doc = inspect.getdoc(fn) or ""
+    if doc.startswith("Args:"):  # the Google-style parser needs a summary line first
+        doc = "-\n\n" + doc
+    return {p.arg_name: p.description or "" for p in docstring_parser.parse(doc).params}
 
 
 def method_parameters(cls: type) -> tuple[list[inspect.Parameter], dict[str, str]]:
@@ -137,11 +140,55 @@ def commands() -> dict[str, Any]:
     }
 
 
+def check_config_keys(data: Any, fn: Callable, source: str) -> None:
+    """Unknown keys in a --config file, named with a "did you mean": jsonargparse reports them
+    inside nested subcommands only as a bare KeyError."""
+    import dataclasses
+    import difflib
+
+    if not isinstance(data, dict):
+        raise LitftError(f"{source}: expected a mapping of options, got {type(data).__name__}")
+    params = inspect.signature(fn, eval_str=True).parameters
+    for key, value in data.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise LitftError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(params)}")
+        annotation = params[key].annotation
+        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            fields = [f.name for f in dataclasses.fields(annotation)]
+            for sub in value:
+                if sub not in fields:
+                    close = difflib.get_close_matches(sub, fields, n=1)
+                    hint = f" Did you mean '{key}.{close[0]}'?" if close else ""
+                    raise LitftError(f"{source}: unknown key '{key}.{sub}'.{hint} Valid: {', '.join(fields)}")
+
+
+def _check_config_files(argv: list[str], components: dict[str, Any]) -> None:
+    import yaml
+
+    node: Any = components
+    for i, arg in enumerate(argv):
+        if isinstance(node, dict) and arg in node:
+            node = node[arg]
+        elif arg == "--config" and i + 1 < len(argv) and callable(node):
+            path = Path(argv[i + 1])
+            if not path.is_file():
+                raise LitftError(f"{path}: config file not found")
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                raise LitftError(f"{path}: invalid YAML: {e}") from e
+            check_config_keys(data, node, str(path))
+
+
 def run(argv: list[str] | None = None) -> Any:
     """Parse `argv` and run the command; returns its result (tests call this)."""
     from jsonargparse import CLI
 
-    return CLI(commands(), args=argv)
+    components = commands()
+    _check_config_files(list(sys.argv[1:] if argv is None else argv), components)
+    return CLI(components, args=argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -217,7 +217,8 @@ class JSON(DataModule):
         input_key: str = "input",
         output_key: str = "output",
     ) -> None:
-        """
+        """Instruction data from a JSON / JSONL file.
+
         Args:
             json_path: Training data: a .json file holding a list of records, or a .jsonl file.
             val_json_path: Optional separate validation file. If unset, validation data is a
@@ -346,7 +347,8 @@ class Alpaca(JSON):
     point --data.json_path at it. All other options are JSON's."""
 
     def __init__(self, json_path: Path = Path("data/alpaca/alpaca_data_cleaned.json"), **kwargs: Any) -> None:
-        """
+        """The Alpaca set from a local file (all JSON options apply).
+
         Args:
             json_path: Path to the Alpaca JSON file.
         """

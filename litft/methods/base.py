@@ -41,7 +41,8 @@ class Finetune(L.LightningModule):
         optimizer_args: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
-        """
+        """The base model and the optimizer settings every method shares.
+
         Args:
             checkpoint_dir: the litft base model checkpoint to fine-tune.
             optimizer: a torch.optim class name (AdamW, SGD, ...) or a bitsandbytes one (bnb.AdamW8bit,

@@ -29,7 +29,8 @@ class LoRA(Finetune):
         use_rslora: bool = False,
         **kwargs,
     ) -> None:
-        """
+        """LoRA hyperparameters (the base module's options apply too).
+
         Args:
             r: LoRA rank.
             alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
