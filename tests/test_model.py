@@ -163,3 +163,21 @@ def test_named_configs_build():
             GPT(cfg)
     with pytest.raises(ValueError, match="Did you mean"):
         Config.from_name("SmolLM2-135")
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (None, 0.9), (20, 0.5), (None, 0.05)])
+def test_sampling_filters_match_transformers_warpers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from litft.generate import filter_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, V) * 3
+    ref = logits.clone()
+    if top_k is not None:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    ours = filter_logits(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    assert torch.equal(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
