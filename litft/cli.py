@@ -96,44 +96,59 @@ def finetune_command(method_cls: type) -> Callable[..., Any]:
     return command
 
 
-def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: Path | None = None) -> Path:
+def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: Path | None = None,
+               merge_into: str = "original") -> Path:
     """Merge a trained adapter into its base model and write a plain litft checkpoint.
 
     Args:
         adapter_dir: the `final/` (or `step-N/`) directory of an adapter fine-tuning run.
         checkpoint_dir: the base model; default: the one the run was trained from.
         out_dir: where to write the merged checkpoint; default: adapter_dir/merged.
+        merge_into: for a run on a quantized base (QLoRA): original merges into the full-precision weights
+            of checkpoint_dir (the usual practice), dequantized into the dequantized weights the adapter was
+            trained against. Runs on a full-precision base ignore it.
     """
     from litft.checkpoint import save_checkpoint
     from litft.methods.base import load_method
 
+    if merge_into not in ("original", "dequantized"):
+        raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
     method = load_method(adapter_dir, checkpoint_dir)
-    model = method.merged_model()
+    quantized = getattr(method, "quantize", None)
+    model = method.merged_model(into=merge_into) if quantized else method.merged_model()
     config = model.config
     if config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
         config.tie_embeddings = False  # an adapted head was merged: it is no longer the embedding
     out = Path(out_dir) if out_dir else Path(adapter_dir) / "merged"
     save_checkpoint(model.state_dict(), config, out, tokenizer_dir=method.checkpoint_dir)
-    print(f"Merged {adapter_dir} into {method.checkpoint_dir} -> {out}")
+    into = f" ({merge_into} weights of a {quantized} run)" if quantized else ""
+    print(f"Merged {adapter_dir} into {method.checkpoint_dir}{into} -> {out}")
     return out
 
 
 def _finetune_methods() -> dict[str, Any]:
+    from litft.methods.dora import DoRA
     from litft.methods.full import Full
     from litft.methods.lora import LoRA
+    from litft.methods.lora_plus import LoRAPlus
+    from litft.methods.neft import NEFT
+    from litft.methods.qlora import QLoRA
 
     return {"_help": "Fine-tune a model with one of litft's methods.", "lora": finetune_command(LoRA),
-            "full": finetune_command(Full)}
+            "full": finetune_command(Full), "qlora": finetune_command(QLoRA), "dora": finetune_command(DoRA),
+            "lora_plus": finetune_command(LoRAPlus), "neft": finetune_command(NEFT)}
 
 
 def commands() -> dict[str, Any]:
     from litft.convert import convert_from_litft, convert_to_litft, download
     from litft.generate import main as generate
+    from litft.plot import plot
 
     return {
         "finetune": _finetune_methods(),
         "merge_lora": merge_lora,
         "generate": generate,
+        "plot": plot,
         "convert_to_litft": convert_to_litft,
         "convert_from_litft": convert_from_litft,
         "download": download,
@@ -187,8 +202,28 @@ def run(argv: list[str] | None = None) -> Any:
     from jsonargparse import CLI
 
     components = commands()
-    _check_config_files(list(sys.argv[1:] if argv is None else argv), components)
+    argv = _words_to_list(list(sys.argv[1:] if argv is None else argv), components)
+    _check_config_files(argv, components)
     return CLI(components, args=argv)
+
+
+def _words_to_list(argv: list[str], components: dict[str, Any]) -> list[str]:
+    """jsonargparse takes a list-typed positional (`litft plot RUN_DIR...`) only as one JSON list: join
+    the bare words after the command into one, so a shell glob (`litft plot out/methods/*`) works."""
+    import json
+    import typing
+
+    node: Any = components
+    for i, arg in enumerate(argv):
+        if isinstance(node, dict) and arg in node:
+            node = node[arg]
+            continue
+        first = next(iter(inspect.signature(node, eval_str=True).parameters.values()), None) if callable(node) else None
+        if first is not None and typing.get_origin(first.annotation) is list and not arg.startswith(("-", "[")):
+            end = next((j for j in range(i, len(argv)) if argv[j].startswith("-")), len(argv))
+            return argv[:i] + [json.dumps(argv[i:end])] + argv[end:]
+        break
+    return argv
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from litft.adapters.lora import LoRALinear
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.models.gpt import GPT
 from litft.tokenizer import copy_tokenizer_files
-from litft.utils import atomic_write_text
+from litft.utils import LitftError, atomic_write_text
 
 
 class LoRA(Finetune):
@@ -27,6 +27,8 @@ class LoRA(Finetune):
         targets: list[str] = ["all-linear"],
         bias: str = "none",
         use_rslora: bool = False,
+        quantize: str | None = None,
+        quantize_skip: list[str] = ["lm_head"],
         **kwargs,
     ) -> None:
         """LoRA hyperparameters (the base module's options apply too).
@@ -38,10 +40,19 @@ class LoRA(Finetune):
             targets: layers to adapt: any of q, k, v, o, gate, up, down, lm_head, or all-linear (all but lm_head).
             bias: which biases also train: none, all, or lora_only (biases of adapted layers).
             use_rslora: rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732).
+            quantize: load the frozen base quantized (QLoRA), on CPU or CUDA: bnb.nf4, bnb.nf4-dq (double
+                quantization), bnb.fp4, bnb.fp4-dq or bnb.int8; null: full precision. See litft/adapters/quantize.py.
+            quantize_skip: Linear layers kept in full precision when quantizing: names (lm_head, down_proj, down)
+                or globs on full names (blocks.0.*). Embeddings and norms are never quantized.
         """
         super().__init__(**kwargs)
         self.targets = resolve_targets(targets)  # validates names early, before any model loads
         self.r, self.alpha, self.dropout, self.bias, self.use_rslora = r, alpha, dropout, bias, use_rslora
+        if quantize is not None:  # mode and bitsandbytes version checked now, before any model loads
+            from litft.adapters.quantize import check_quantize
+
+            check_quantize(quantize)
+        self.quantize, self.quantize_skip = quantize, list(quantize_skip)
 
     def make_adapter(self, name: str, linear: nn.Module) -> nn.Module:
         return LoRALinear(linear, self.r, self.alpha, self.dropout, self.use_rslora)
@@ -49,7 +60,13 @@ class LoRA(Finetune):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        super().configure_model()
+        if self.quantize:  # QLoRA: the frozen base is quantized while it streams in, on the training device
+            from litft.adapters.quantize import load_quantized_model
+
+            self.model = load_quantized_model(self.checkpoint_dir, self.quantize, self.quantize_skip)
+            self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
+        else:
+            super().configure_model()
         self.model.requires_grad_(False)
         inject_adapters(self.model, self.targets, self.make_adapter)
         mark_only_adapters_trainable(self.model, self.bias)
@@ -66,6 +83,22 @@ class LoRA(Finetune):
         copy_tokenizer_files(self.checkpoint_dir, out_dir)
         atomic_write_text(out_dir / METHOD_CONFIG, yaml.safe_dump(self.method_config(), sort_keys=False))
 
-    def merged_model(self) -> GPT:
-        """The base model with B·A folded into its weights and the wrappers removed."""
+    def merged_model(self, into: str = "original") -> GPT:
+        """The base model with B·A folded into its weights and the wrappers removed.
+
+        With a quantized base, `into` picks the weights that receive the update: "original" rebuilds this
+        method on the full-precision base from checkpoint_dir (the usual practice: the merged model does
+        not inherit the quantization error), "dequantized" merges into the dequantized weights the
+        adapter was trained against."""
+        if self.quantize and into == "original":
+            adapters = self.trainable_state_dict()
+            self.model, self.quantize = None, None  # free the quantized model first; then reload unquantized
+            self.configure_model()
+            self.load_trainable_state_dict(adapters)
+        elif self.quantize and into == "dequantized":
+            from litft.adapters.quantize import dequantize_model
+
+            dequantize_model(self.model)
+        elif self.quantize:
+            raise LitftError(f"unknown merge target {into!r}: use original or dequantized")
         return unload_adapters(self.model, merge=True)

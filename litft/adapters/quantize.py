@@ -1,0 +1,370 @@
+"""Quantized frozen base weights for QLoRA-style training (Dettmers et al. 2023, arXiv 2305.14314).
+
+Modes (`--quantize`), all with bitsandbytes' storage and kernels:
+
+    bnb.nf4     4-bit NormalFloat codes, one fp32 absmax per block of 64 weights     4.5 bits / weight
+    bnb.nf4-dq  nf4 + double quantization: the absmaxes themselves in 8 bit
+                (blocks of 256, one fp32 scale each)                                  ~4.13 bits / weight
+    bnb.fp4     4-bit float codes (e2m1), as nf4                                      4.5 bits / weight
+    bnb.fp4-dq  fp4 + double quantization                                             ~4.13 bits / weight
+    bnb.int8    LLM.int8 (arXiv 2208.07339): int8 rows with one fp32 absmax per row  ~8 bits / weight
+
+Why litft quantizes by itself instead of using Lightning's `BitsandbytesPrecision`: that plugin
+refuses to start without CUDA, while bitsandbytes >= 0.49 quantizes and runs `Linear4bit` /
+`Linear8bitLt` forward and backward on CPU as well. So the loader below builds the model on the
+meta device and materialises it tensor by tensor: a Linear weight chosen for quantization goes
+straight from the checkpoint into a bnb `Params4bit` / `Int8Params` on the target device, and
+everything else loads as usual. The peak memory of loading is the quantized model plus the
+transients of quantizing one tensor (a few copies of it), never the whole model in 16/32 bit.
+
+What stays unquantized (explicitly):
+  * embeddings and norms: only `nn.Linear` layers are ever quantized;
+  * `lm_head` by default (the `skip` list, `--quantize_skip`, overridable): the output projection
+    is the layer most sensitive to quantization error and QLoRA leaves it in 16 bit too;
+  * a head tied to the embedding (SmolLM2, Gemma, Llama 3.2) is the embedding: never quantized;
+  * biases, and of course the adapters, which train in full precision on top of the frozen base.
+
+Gradients: bnb's autograd functions dequantize the frozen weight in backward to pass the gradient
+on to the input, so the adapters of every layer get exact gradients through the dequantized
+weights; the quantized weights themselves never get a gradient.
+"""
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from litft.adapters.inject import TARGET_ALIASES
+from litft.checkpoint import WEIGHTS, check_checkpoint_dir, validate_state_dict
+from litft.models.config import Config
+from litft.models.gpt import GPT
+from litft.utils import LitftError
+
+__all__ = [
+    "QuantMode", "QUANTIZE_MODES", "DEFAULT_SKIP", "BLOCKSIZE", "parse_quantize", "check_bitsandbytes",
+    "check_quantize", "default_device", "quantize_targets", "quantize_weight", "quantized_linear",
+    "quantize_model", "load_quantized_model", "is_quantized_linear", "dequantize_weight", "dequantize_model",
+    "weight_bytes",
+]
+
+BLOCKSIZE = 64  # QLoRA's block size for the 4-bit absmax statistics
+MIN_BNB = {"cpu": (0, 49), "cuda": (0, 43)}  # 4/8-bit forward+backward on CPU arrived in 0.49
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    name: str
+    bits: int  # 4 or 8
+    quant_type: str | None = None  # "nf4" / "fp4" for 4 bit
+    double_quant: bool = False  # 8-bit absmaxes ("compress_statistics" in bnb)
+
+
+QUANTIZE_MODES: dict[str, QuantMode] = {m.name: m for m in (
+    QuantMode("bnb.nf4", 4, "nf4"), QuantMode("bnb.nf4-dq", 4, "nf4", True),
+    QuantMode("bnb.fp4", 4, "fp4"), QuantMode("bnb.fp4-dq", 4, "fp4", True),
+    QuantMode("bnb.int8", 8),
+)}
+DEFAULT_SKIP: tuple[str, ...] = ("lm_head",)
+
+
+def parse_quantize(mode: str | QuantMode) -> QuantMode:
+    if isinstance(mode, QuantMode):
+        return mode
+    if mode not in QUANTIZE_MODES:
+        raise LitftError(f"unknown quantize mode {mode!r}: use one of {', '.join(QUANTIZE_MODES)}")
+    return QUANTIZE_MODES[mode]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for p in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_bitsandbytes(device: torch.device | str, version: str | None = None) -> None:
+    """bitsandbytes is installed and new enough to quantize on `device` (`version`: the installed one)."""
+    kind = torch.device(device).type
+    if version is None:
+        try:
+            bitsandbytes = _bnb()
+        except ImportError as e:
+            raise LitftError(f"quantization needs bitsandbytes, which failed to import ({e}): "
+                             "pip install 'bitsandbytes>=0.49'") from None
+        version = bitsandbytes.__version__
+    need = MIN_BNB.get(kind)
+    if need is None:
+        raise LitftError(f"quantization runs on CPU or CUDA, not on {kind!r}")
+    if _version_tuple(version) < need:
+        need_s = ".".join(map(str, need))
+        why = " (4/8-bit forward and backward on CPU need it)" if kind == "cpu" else ""
+        raise LitftError(f"bitsandbytes {version} is too old to quantize on {kind}{why}: "
+                         f"pip install -U 'bitsandbytes>={need_s}'")
+
+
+def default_device() -> torch.device:
+    """Where the training loop will run: quantize straight there (Fabric sets the current CUDA device
+    of each process before the module's configure_model runs)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_quantize(mode: str, device: torch.device | str | None = None) -> QuantMode:
+    """Validate a `--quantize` value and the bitsandbytes install, before any model loads."""
+    parsed = parse_quantize(mode)
+    check_bitsandbytes(device or default_device())
+    return parsed
+
+
+def _bnb():
+    # bnb warns at import that it could not fetch an optional CPU kernel for the *packed inference*
+    # layout of 4-bit weights; litft never uses that layout (see quantized_linear), so silence it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+# ------------------------------------------------------------------------ which layers
+def _matches(name: str, pattern: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == pattern or leaf == TARGET_ALIASES.get(pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def quantize_targets(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """Names of the `nn.Linear` layers to quantize: all but those matching `skip` and a head tied to
+    the embedding. A skip entry matches a layer by its last name (lm_head, down_proj, or a short
+    alias: down) or by a glob on its full name (blocks.0.*); an entry matching nothing is an error,
+    so a typo never silently quantizes a layer meant to stay in full precision."""
+    skip = list(skip)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unused = [s for s in skip if not any(_matches(n, s) for n, _ in linears)]
+    if unused:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        raise LitftError(f"quantize_skip entries {unused} match no Linear layer; the Linear layers are named "
+                         f"{leaves} (entries may also be globs on full names, e.g. 'blocks.0.*')")
+    shared = {id(p) for n, m in model.named_modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
+    return [n for n, m in linears
+            if not any(_matches(n, s) for s in skip) and id(m.weight) not in shared]  # tied head: skip
+
+
+# ------------------------------------------------------------------------ quantize
+def quantize_weight(weight: torch.Tensor, mode: str | QuantMode, device: torch.device | str,
+                    module: nn.Module | None = None) -> nn.Parameter:
+    """A frozen bnb parameter holding `weight` (out, in) quantized on `device`.
+
+    4 bit: `Params4bit`, i.e. exactly `bnb.functional.quantize_4bit(weight, blocksize=64, quant_type,
+    compress_statistics=double_quant)`; 8 bit: `Int8Params` (`int8_vectorwise_quant` of the fp16 weight)."""
+    bnb, mode = _bnb(), parse_quantize(mode)
+    device = torch.device(device)
+    if mode.bits == 4:
+        param = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=BLOCKSIZE, quant_type=mode.quant_type,
+                                  compress_statistics=mode.double_quant, module=module)
+        return param.to(device)  # .to() on an unquantized Params4bit quantizes on that device
+    param = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    return param.to(device)  # quantizes (on `device`) when leaving the CPU copy
+
+
+def quantized_linear(linear: nn.Module, mode: str | QuantMode, device: torch.device | str = "meta",
+                     weight: torch.Tensor | None = None) -> nn.Module:
+    """An empty (meta) bnb layer shaped like `linear`, or a quantized one when `weight` is given.
+    Its bias (if any) is a plain full-precision parameter, filled in by the caller."""
+    bnb, mode = _bnb(), parse_quantize(mode)
+    has_bias = linear.bias is not None
+    if mode.bits == 4:
+        # compute_dtype None: bnb computes in the dtype of the activations, i.e. the run's precision
+        # (fp32 on CPU, bf16 with bf16-true).
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=None,
+                                  compress_statistics=mode.double_quant, quant_type=mode.quant_type, device="meta")
+        # On CPUs with AVX512-BF16, bnb repacks a 4-bit weight in place the first time it runs in eval
+        # mode without grad (e.g. validation), into an inference layout that computes in bf16 and that
+        # the training path cannot differentiate through. Keep the one layout: eval == train numerics.
+        layer.support_avx512bf16_for_cpu = False
+    else:
+        # threshold 6.0: LLM.int8's outlier decomposition, as transformers / peft use it.
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=6.0, device="meta")
+    if weight is not None:
+        layer.weight = quantize_weight(weight, mode, device, module=layer)
+    return layer
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str | QuantMode, skip: Iterable[str] = DEFAULT_SKIP,
+                   device: torch.device | str | None = None) -> list[str]:
+    """Quantize the Linear layers of an in-memory model in place (see `quantize_targets`); returns
+    their names. For a checkpoint on disk prefer `load_quantized_model`, which never holds the whole
+    full-precision model."""
+    device = torch.device(device) if device is not None else default_device()
+    check_bitsandbytes(device)
+    names = quantize_targets(model, skip)
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = quantized_linear(linear, mode, device, weight=linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=linear.bias.requires_grad)
+        _set_submodule(model, name, layer)
+    return names
+
+
+def _tensor_shapes(path: Path) -> dict[str, torch.Size]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    # A safe_open handle memory-maps the file and every page it has read stays resident (and counts
+    # as this process's memory) until the handle closes: kept open over a whole checkpoint, that is
+    # the full 16/32-bit model we are avoiding. So open per tensor (the header parse is ~free).
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise LitftError(f"{path}: cannot read tensor {key} (truncated or corrupt?): {e}") from e
+
+
+def _release_freed_memory() -> None:
+    # glibc keeps the freed temporaries of each quantization in its heap; over a whole checkpoint that
+    # grew the process by ~10x the quantized model in our measurements. Hand them back to the OS.
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+@torch.no_grad()
+def load_quantized_model(
+    checkpoint_dir: Path | str, quantize: str | QuantMode, skip: Iterable[str] = DEFAULT_SKIP,
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None, config: Config | None = None,
+) -> GPT:
+    """Build the GPT of a litft checkpoint with its Linear layers quantized while they load.
+
+    The model is created on the meta device; the checkpoint streams in one tensor at a time: a weight
+    of a layer to quantize becomes a bnb parameter on `device` right away (its 16/32-bit copy is freed
+    before the next tensor is read), anything else is placed on `device` (cast to `dtype` if given,
+    else kept in the checkpoint's dtype, as `litft.checkpoint.load_model` does)."""
+    mode = parse_quantize(quantize)
+    device = torch.device(device) if device is not None else default_device()
+    check_bitsandbytes(device)
+    d = check_checkpoint_dir(checkpoint_dir)
+    config = config or Config.from_checkpoint(d)
+    path = d / WEIGHTS
+    shapes = _tensor_shapes(path)
+    validate_state_dict(config, shapes, path)  # all names and shapes, before reading any data
+
+    with torch.device("meta"):
+        model = GPT(config)
+    targets = set(quantize_targets(model, skip))
+    for name in targets:
+        _set_submodule(model, name, quantized_linear(model.get_submodule(name), mode))
+
+    for key in shapes:
+        tensor = _read_tensor(path, key)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if module_name in targets and attr == "weight":
+            module.weight = quantize_weight(tensor, mode, device, module=module)
+        elif isinstance(getattr(module, attr), nn.Parameter):
+            setattr(module, attr, nn.Parameter(tensor.to(device), requires_grad=getattr(module, attr).requires_grad))
+        else:
+            setattr(module, attr, tensor.to(device))  # a buffer
+        del tensor
+        _release_freed_memory()
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a bug in this loader, not in the user's input
+        raise RuntimeError(f"tensors not materialised after loading {path}: {left[:4]}")
+    return model
+
+
+# ------------------------------------------------------------------------ dequantize
+def is_quantized_linear(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) and type(w).__name__ in ("Params4bit", "Int8Params")
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a quantized layer computes with, as bitsandbytes dequantizes it: 4 bit in
+    the dtype it was quantized from; 8 bit as int8 x row absmax / 127 in fp32."""
+    bnb = _bnb()
+    w = layer.weight
+    if type(w).__name__ == "Params4bit":
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    # Linear8bitLt moves CB/SCB from the parameter into its matmul state on the first forward
+    cb = w.CB if getattr(w, "CB", None) is not None else layer.state.CB
+    scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(cb, scb)
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every quantized Linear (including adapters' base layers) by a plain `nn.Linear` holding
+    its dequantized weight (in `dtype`, default the dtype it was quantized from; fp32 for int8).
+    Returns the replaced names. Used to merge adapters into the weights they were trained against."""
+    names = [n for n, m in model.named_modules() if is_quantized_linear(m)]
+    for name in names:
+        q = model.get_submodule(name)
+        w = dequantize_weight(q)
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+        linear.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+        if q.bias is not None:
+            linear.bias = nn.Parameter(q.bias.detach().clone(), requires_grad=q.bias.requires_grad)
+        _set_submodule(model, name, linear)
+    return names
+
+
+# ------------------------------------------------------------------------ accounting
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the base model's weights take: {"quantized": packed codes + all their statistics,
+    "unquantized": every other parameter and buffer (embeddings, norms, head, biases, adapters),
+    "total": both}. Shared (tied) tensors count once."""
+    seen: set[int] = set()
+    quantized = unquantized = 0
+    for module in model.modules():
+        if is_quantized_linear(module):
+            w = module.weight
+            seen.add(id(w))
+            quantized += _tensor_bytes(w.data)
+            qs = getattr(w, "quant_state", None)
+            if qs is not None:  # absmax (+ nested absmax, codebooks, offset)
+                quantized += _tensor_bytes(qs.absmax) + _tensor_bytes(qs.code)
+                if qs.nested:
+                    quantized += (_tensor_bytes(qs.state2.absmax) + _tensor_bytes(qs.state2.code)
+                                  + _tensor_bytes(qs.offset))
+            else:  # int8: one fp32 absmax per row
+                scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+                quantized += _tensor_bytes(scb)
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            unquantized += _tensor_bytes(t)
+    return {"quantized": quantized, "unquantized": unquantized, "total": quantized + unquantized}
