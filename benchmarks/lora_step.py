@@ -1,0 +1,384 @@
+"""Benchmark (not a test): one LoRA fine-tuning step of litft vs HF transformers + peft on CPU.
+
+    python benchmarks/lora_step.py [--seq 512] [--batch 2] [--steps 4] [--repeats 3] [--only litft|hf]
+                                   [--dtype fp32|bf16] [--profile litft|hf] [--no-roofline]
+
+Same model shape, same weights, same tokens, same settings as /work/shared/bench/peers_step.py:
+SmolLM2-135M shape (vocab 49152, d 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, tied embeddings,
+rope theta 1e5), random init, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, dropout 0, AdamW lr 2e-4,
+fp32, seq 512, batch 2; the step time is the median of `--steps` steps after one warmup step.
+
+* The base weights are HF `LlamaForCausalLM`'s init with seed 0: the HF child builds them in place
+  (as peers_step.py does), litft loads them from a litft checkpoint converted once from that same
+  init, so both start from *identical* weights and tokens: their step-1 losses agree to ~1e-5
+  (printed), which shows they do the same work.
+* litft is timed through its real training path: `litft.methods.lora.LoRA(checkpoint_dir=...)`,
+  `.configure_model()`, `.configure_optimizers()`, `.training_step(batch)` / n_tokens, backward,
+  optimizer step, zero_grad -- what `litft finetune lora` runs per step, minus Fabric's thin wrapper,
+  gradient clipping and the LR scheduler.
+* Each contender runs in its own subprocess (peak RSS per contender), alternating litft, hf, litft, hf,
+  ... for `--repeats` rounds; the parent prints medians and the ratios litft / HF.
+* Two peaks are reported: `peak_rss` = `ru_maxrss` of the child (whole process: imports, weight
+  loading, training) and `train_peak` = VmHWM after resetting it (`/proc/self/clear_refs` = 5) right
+  before the first step, i.e. the peak while training only (setup transients such as reading the
+  safetensors file excluded).
+* Noise: for every run the child reads /proc/stat and reports how many cores *other* processes used
+  during its timed steps (`other_cores`); on this shared 2-core machine anything above ~0.1 means the
+  numbers are disturbed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+V, D, L, NH, NKV, HD, FF = 49152, 576, 30, 9, 3, 64, 1536
+R, ALPHA, LR = 16, 32.0, 2e-4
+TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEED, DATA_SEED = 0, 1234
+
+
+# ----------------------------------------------------------------------------- FLOP model
+def flop_model(seq: int) -> dict[str, float]:
+    """FLOP per token of one LoRA training step (forward + backward), matmuls only.
+
+    A frozen Linear with N weights costs 2N forward + 2N backward (input grad only, no weight
+    grad) = 4N; a LoRA pair (A: r x in, B: out x r, N_lora = r (in + out)) is trained, so 6 N_lora;
+    attention scores QK^T and AV cost 2 * 2 * d * T per token per layer forward (counted over the
+    full T x T square, as the ~673 MFLOP reference does; a causal kernel can skip half) and twice
+    that backward: 3 * 4 * d * T per layer.
+    """
+    per_layer = D * NH * HD + 2 * D * NKV * HD + NH * HD * D + 3 * D * FF
+    n_blocks = L * per_layer
+    n_head = D * V  # tied lm_head, frozen
+    lora_per_layer = R * ((D + NH * HD) + 2 * (D + NKV * HD) + (NH * HD + D) + 2 * (D + FF) + (FF + D))
+    n_lora = L * lora_per_layer
+    attn = L * 3 * 4 * (NH * HD) * seq
+    total = 4 * (n_blocks + n_head) + 6 * n_lora + attn
+    return dict(n_frozen_matmul=n_blocks + n_head, n_blocks=n_blocks, n_head=n_head, n_lora=n_lora,
+                frozen=4 * (n_blocks + n_head), lora=6 * n_lora, attn=attn, total=total,
+                attn_causal_saving=attn / 2, ce_recompute=2 * n_head)
+
+
+# ----------------------------------------------------------------------------- machine info
+def machine_info() -> dict[str, str]:
+    info = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            info[k.strip()] = v.strip()
+    except FileNotFoundError:
+        pass
+    flags = set(info.get("Flags", "").split())
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni"]
+    return dict(model=info.get("Model name", "?"), cpus=info.get("CPU(s)", "?"),
+                flags=" ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted),
+                bf16_hw="avx512_bf16" in flags or "amx_bf16" in flags, amx="amx_bf16" in flags)
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def busy_jiffies() -> int:
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return user + nice + system + irq + softirq + steal  # steal: another VM on our cores
+
+
+def own_jiffies() -> int:
+    f = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])  # utime + stime (all threads)
+
+
+# ----------------------------------------------------------------------------- roofline
+def roofline(dtypes=("fp32", "bf16"), reps: int = 10) -> list[dict]:
+    import torch
+
+    shapes = [  # (M, K, N): (M x K) @ (K x N), M = batch * seq tokens
+        ("q/o   fwd", 1024, 576, 576),
+        ("k/v   fwd", 1024, 576, 192),
+        ("gate/up fwd", 1024, 576, 1536),
+        ("down  fwd", 1024, 1536, 576),
+        ("down  dgrad", 1024, 576, 1536),
+        ("head  fwd (chunk 1023)", 1023, 576, 49152),
+        ("head  dgrad", 1023, 49152, 576),
+        ("lora A fwd", 1024, 576, 16),
+    ]
+    rows = []
+    for dt in dtypes:
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        for name, m, k, n in shapes:
+            if dt == "bf16" and "lora" in name:
+                continue
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            for _ in range(2):
+                torch.matmul(a, b)
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.matmul(a, b)
+                best = min(best, time.perf_counter() - t)
+            rows.append(dict(dtype=dt, name=name, shape=f"({m}x{k})@({k}x{n})", gflops=2 * m * k * n / best / 1e9))
+    return rows
+
+
+# ----------------------------------------------------------------------------- children
+def hf_config():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=L,
+                      num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def prepare(out: Path, dtype_name: str) -> None:
+    """The base weights for litft: HF init (seed 0) converted to a litft checkpoint. The HF child
+    re-creates the identical weights by the same seeded init (checked by the equal step-1 losses)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from litft.checkpoint import save_checkpoint
+    from litft.models.config import Config
+    from litft.models.hf import hf_to_litft
+
+    dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(hf_config()).to(dtype)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    config = Config.from_name("SmolLM2-135M")
+    save_checkpoint(dict(hf_to_litft(config, sd.items())), config, out / "litft")
+
+
+def child(args) -> None:
+    import torch
+
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    torch.manual_seed(SEED)
+    t_setup = time.perf_counter()
+    if args.child == "litft":
+        from litft.methods.lora import LoRA
+
+        m = LoRA(checkpoint_dir=Path(args.ckpt) / "litft", r=R, alpha=ALPHA, dropout=0.0, targets=TARGETS, lr=LR,
+                 warmup_steps=0)
+        m.configure_model()
+        m.train()
+        opt, _ = m.configure_optimizers()
+        model = m.model
+        path = "litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric)"
+
+        def forward(x):
+            return m.training_step({"input_ids": x, "labels": x}) / (x.shape[0] * (x.shape[1] - 1))
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(hf_config())  # seed 0: the same init `prepare` wrote for litft
+        model = model.to(dtype)
+        model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+        path = "transformers LlamaForCausalLM (sdpa) + peft get_peft_model"
+
+        def forward(x):
+            return model(input_ids=x, labels=x).loss
+    t_setup = time.perf_counter() - t_setup
+    ntrain = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ntotal = sum(p.numel() for p in model.parameters())
+    x = torch.randint(0, V, (args.batch, args.seq), generator=torch.Generator().manual_seed(DATA_SEED))
+
+    prof = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=args.steps),
+                       record_shapes=False)
+        prof.start()
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm_reset = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the training-only peak from here
+    except OSError:
+        hwm_reset = False
+    times, losses = [], []
+    busy0 = own0 = wall0 = None
+    for i in range(args.steps + 1):
+        if i == 1:  # step 0 is warmup; measure the machine's load over the timed steps
+            busy0, own0, wall0 = busy_jiffies(), own_jiffies(), time.perf_counter()
+        t0 = time.perf_counter()
+        loss = forward(x)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
+        losses.append(loss.item())
+        if prof is not None:
+            prof.step()
+    hz = os.sysconf("SC_CLK_TCK")
+    wall = time.perf_counter() - wall0
+    own_cores = (own_jiffies() - own0) / hz / wall
+    other_cores = max(0.0, (busy_jiffies() - busy0) / hz / wall - own_cores)
+    hwm = None
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024
+    timed = times[1:]
+    med = lambda j: statistics.median(t[j] for t in timed)  # noqa: E731
+    res = dict(impl=args.child, path=path, dtype=args.dtype, threads=torch.get_num_threads(), seq=args.seq,
+               batch=args.batch, steps=args.steps, trainable=ntrain, total=ntotal, setup_s=t_setup,
+               step_s=med(0), fwd_s=med(1), bwd_s=med(2), opt_s=med(3), all_step_s=[t[0] for t in timed],
+               warmup_s=times[0][0], tok_s=args.batch * args.seq / med(0),
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, setup_rss_mb=setup_rss,
+               train_peak_mb=hwm if hwm_reset else None, loss_first=losses[0], loss_last=losses[-1],
+               own_cores=own_cores, other_cores=other_cores)
+    if prof is not None:
+        prof.stop()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows), flush=True)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
+           str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype]
+    if profile:
+        cmd += ["--profile", impl, "--profile-rows", str(args.profile_rows)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{impl} child failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    lines = p.stdout.splitlines()
+    res = json.loads(next(l for l in reversed(lines) if l.startswith("RESULT "))[7:])
+    res["stdout"] = "\n".join(l for l in lines if not l.startswith("RESULT "))
+    return res
+
+
+# ----------------------------------------------------------------------------- parent
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 1 warmup step)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs")
+    ap.add_argument("--only", choices=["litft", "hf"])
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--profile", choices=["litft", "hf"], help="instead of timing: torch.profiler top ops of one run")
+    ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument("--child", choices=["litft", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.prepare:
+        return prepare(Path(args.prepare), args.dtype)
+    if args.child:
+        return child(args)
+
+    import signal
+
+    import torch
+
+    # on SIGTERM unwind normally: subprocess.run kills the running child, the temp checkpoint is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    mi = machine_info()
+    print(f"# litft vs HF+peft: one LoRA step, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"cpu: {mi['model']}, {mi['cpus']} CPUs; torch threads {torch.get_num_threads()}; "
+          f"torch {torch.__version__}")
+    print(f"flags: {mi['flags']}")
+    print(f"bf16: {'avx512_bf16/amx present: bf16 dot products run in hardware' if mi['bf16_hw'] else 'no bf16 hardware: bf16 is emulated, use fp32'}"
+          f"{'' if mi['amx'] else ' (no AMX tiles)'}")
+    print(f"load average at start: {loadavg()}")
+
+    fm = flop_model(args.seq)
+    print(f"\n## FLOP model (per token, seq {args.seq})")
+    print(f"  4 * N_frozen  = 4 * ({fm['n_blocks']/1e6:.2f}M blocks + {fm['n_head']/1e6:.2f}M tied head) = {fm['frozen']/1e6:.1f} MFLOP")
+    print(f"  6 * N_lora    = 6 * {fm['n_lora']/1e6:.3f}M = {fm['lora']/1e6:.1f} MFLOP")
+    print(f"  attention     = n_layer * 3 * 4 * d_attn * T = {L} * 12 * {NH*HD} * {args.seq} = {fm['attn']/1e6:.1f} MFLOP "
+          f"(full square; causal kernels may skip {fm['attn_causal_saving']/1e6:.1f})")
+    print(f"  total         = {fm['total']/1e6:.1f} MFLOP/token  (reference: ~673)")
+    print(f"  (litft's chunked CE recomputes the head in backward: +2 * N_head = +{fm['ce_recompute']/1e6:.1f} MFLOP/token "
+          "not counted above)")
+
+    peak = None
+    if not args.no_roofline:
+        rows = roofline()
+        print("\n## matmul roofline (best of 10, torch.matmul)")
+        for r in rows:
+            print(f"  {r['dtype']}  {r['name']:<24} {r['shape']:<24} {r['gflops']:7.1f} GFLOP/s")
+        fp32 = [r["gflops"] for r in rows if r["dtype"] == "fp32" and "lora" not in r["name"]]
+        peak = max(fp32)
+        bf16 = [r["gflops"] for r in rows if r["dtype"] == "bf16"]
+        print(f"  fp32 peak (big shapes): {peak:.1f} GFLOP/s; median {statistics.median(fp32):.1f}; "
+              f"bf16 median {statistics.median(bf16):.1f} GFLOP/s")
+
+    with tempfile.TemporaryDirectory(prefix="litft-bench-") as tmp:
+        ckpt = Path(tmp)
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, __file__, "--prepare", tmp, "--dtype", args.dtype], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            sys.exit(f"preparing the weights failed:\n{p.stderr[-3000:]}")
+        print(f"\nshared base weights (HF init, seed {SEED}) written in {time.perf_counter() - t:.1f}s")
+
+        if args.profile:
+            res = run_child(args.profile, args, ckpt, profile=True)
+            print(f"\n## torch.profiler, {args.profile}, {args.steps} steps after 1 warmup (self CPU time)")
+            print(res["stdout"])
+            print(f"step {res['step_s']:.2f}s = forward {res['fwd_s']:.2f} + backward {res['bwd_s']:.2f} + "
+                  f"optimizer {res['opt_s']:.3f} (medians, with profiler overhead); other_cores {res['other_cores']:.2f}")
+            return
+
+        impls = [args.only] if args.only else ["litft", "hf"]
+        results: dict[str, list[dict]] = {i: [] for i in impls}
+        print(f"\n## runs (seq {args.seq}, batch {args.batch}, {args.steps} timed steps after 1 warmup, {args.dtype})")
+        for rnd in range(args.repeats):
+            for impl in impls:
+                r = run_child(impl, args, ckpt)
+                results[impl].append(r)
+                print(f"  round {rnd + 1} {impl:<5} step {r['step_s']:6.2f}s  {r['tok_s']:7.1f} tok/s  "
+                      f"fwd {r['fwd_s']:5.2f} bwd {r['bwd_s']:5.2f} opt {r['opt_s']:.3f}  peak_rss {r['peak_rss_mb']:6.0f}MB "
+                      f"train_peak {r['train_peak_mb'] or float('nan'):6.0f}MB  loss {r['loss_first']:.5f}->{r['loss_last']:.5f}  "
+                      f"own {r['own_cores']:.2f} other {r['other_cores']:.2f} cores  load {loadavg()}", flush=True)
+
+    print(f"\nload average at end: {loadavg()}")
+    for impl in impls:
+        print(f"{impl}: {results[impl][0]['path']}")
+    med = {i: {k: statistics.median(r[k] for r in rs) for k in
+               ("tok_s", "step_s", "fwd_s", "bwd_s", "opt_s", "peak_rss_mb", "train_peak_mb", "other_cores")
+               if all(r[k] is not None for r in rs)} for i, rs in results.items()}
+    print(f"\n## medians over {args.repeats} runs (each run: median of {args.steps} steps)\n")
+    print("| | tokens/s | step s | fwd s | bwd s | opt s | peak RSS MB | train peak MB | achieved GFLOP/s | % of fp32 peak | trainable / total | loss step 1 | other cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for impl in impls:
+        m, r0 = med[impl], results[impl][0]
+        gf = m["tok_s"] * fm["total"] / 1e9
+        pct = f"{100 * gf / peak:.0f}%" if peak else "-"
+        print(f"| {impl} | {m['tok_s']:.1f} | {m['step_s']:.2f} | {m['fwd_s']:.2f} | {m['bwd_s']:.2f} | {m['opt_s']:.3f} | "
+              f"{m['peak_rss_mb']:.0f} | {m.get('train_peak_mb', float('nan')):.0f} | {gf:.1f} | {pct} | "
+              f"{r0['trainable']:,} / {r0['total']:,} | {r0['loss_first']:.5f} | {m['other_cores']:.2f} |")
+    if len(impls) == 2:
+        a, b = med["litft"], med["hf"]
+        ratios = [ra["tok_s"] / rb["tok_s"] for ra, rb in zip(results["litft"], results["hf"])]
+        print(f"\nlitft / HF tokens/s: {a['tok_s'] / b['tok_s']:.2f}  (per round: {', '.join(f'{x:.2f}' for x in ratios)})")
+        print(f"litft / HF peak RSS: {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}", end="")
+        if "train_peak_mb" in a and "train_peak_mb" in b:
+            print(f";  training-only peak: {a['train_peak_mb'] / b['train_peak_mb']:.2f}", end="")
+        print(f"\nloss at step 1 (same weights, same tokens; ln V = {math.log(V):.3f}): "
+              f"litft {results['litft'][0]['loss_first']:.6f}, HF {results['hf'][0]['loss_first']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
