@@ -83,9 +83,9 @@ class DoRALinear(LoRALinear):
         A, B, s = self.lora_A, self.lora_B, self.scaling
         AWt = self._base_no_bias(A.to(dtype or A.dtype)).float()  # (r, out) = A W^T: r rows through the base
         Af, Bf = A.float(), B.float()
-        cross = (Bf * AWt.t()).sum(1)  # B_i · (A W_i^T)
-        quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)  # ||B_i A||^2 via the r x r Gram matrix
-        sq = self.base_sq_norm.float() + 2 * s * cross + s * s * quad
+        # ||W_i + s B_i A||^2 = ||W_i||^2 + B_i · (2s (A W_i^T) + s^2 (A A^T) B_i^T): a few small ops per layer
+        M = torch.addmm(AWt.t(), Bf, Af @ Af.t(), beta=2 * s, alpha=s * s)  # (out, r)
+        sq = self.base_sq_norm.float() + torch.linalg.vecdot(Bf, M)
         return sq.clamp_min(0).sqrt()  # rounding could push an exactly-zero row a hair below 0
 
     def _cached_norm(self, dtype: torch.dtype) -> Tensor:
