@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -207,7 +206,6 @@ def build(
         rows = pack_documents(encoded, seq_len, tokenizer.pad_id)
         print(f"corpus: {n_docs} documents, {n_tokens / 1e6:.2f}M tokens, {len(rows)} rows of {seq_len}; "
               f"{steps * batch_size * seq_len / n_tokens:.2f} epochs", flush=True)
-        torch.manual_seed(seed)
         gpt = pretrain(config, rows, tokenizer.pad_id, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
         save_checkpoint(gpt.state_dict(), config, out_dir / "base", tokenizer_dir=tok_dir)
     n_params = sum(p.numel() for p in gpt.parameters())

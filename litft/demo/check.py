@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--n-train", type=int, default=None, help="use only the first n training records")

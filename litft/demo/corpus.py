@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 
 from litft.demo.words import (
-    ADJECTIVES, ANIMALS, CATEGORIES, COLORS, FOODS, GENERAL, NAMES, NUMBER_WORDS, PLACES, TASK_WORDS, THINGS,
+    ADJECTIVES, ANIMALS, CATEGORIES, COLORS, FOODS, NAMES, NUMBER_WORDS, PLACES, TASK_WORDS, THINGS,
 )
 
 NOUNS = ANIMALS + FOODS + THINGS
@@ -124,7 +124,7 @@ def s_list(r: random.Random) -> str:
 
 
 def s_general(r: random.Random) -> str:
-    # everyday use of words that instruction templates also use (see words.GENERAL)
+    # everyday use of words that instruction templates also use: a real base model knows English
     name, other = r.sample(NAMES, 2)
     return r.choice([
         f"{name} wrote a short note for {other} below the {r.choice(THINGS)}.",

@@ -64,14 +64,6 @@ NUMBER_WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
 )
 
-# Everyday words that also appear in common instruction templates: a real base model knows English, so ours
-# meets these words in ordinary sentences (never in an instruction/response layout).
-GENERAL: tuple[str, ...] = (
-    "below", "above", "instruction", "instructions", "describes", "task", "tasks", "write", "writes", "response",
-    "appropriately", "completes", "request", "paired", "input", "provides", "further", "context", "word",
-    "words", "list", "order", "answer", "question", "note", "letter", "story", "these", "those", "given",
-)
-
 # The word categories: what the demo task asks about. The corpus states them ("A fox is an animal.") and
 # uses each word in category-typical sentences; fine-tuning teaches the model to *answer* with them.
 CATEGORIES: dict[str, tuple[str, ...]] = {

@@ -161,8 +161,8 @@ configs: list[dict[str, Any]] = [
          n_embd=768, n_head=12, intermediate_size=3072, max_seq_length=2048, norm="layernorm", norm_bias=True,
          mlp="plain", activation="gelu", qkv_bias=True, o_bias=True, mlp_bias=True, parallel_residual=True,
          rotary_fraction=0.25),
-    # litft's own small base model for the demo (see litft/demo.py)
-    dict(name="litft-demo", family="llama", vocab_size=512, n_layer=4, n_embd=192, n_head=6, n_kv_head=2,
+    # litft's own small base model for the demo (see litft/demo/); vocab 1024 makes every demo word one token
+    dict(name="litft-demo", family="llama", vocab_size=1024, n_layer=4, n_embd=192, n_head=6, n_kv_head=2,
          intermediate_size=512, max_seq_length=256, tie_embeddings=True),
 ]
 name_to_config: dict[str, dict[str, Any]] = {c["name"]: c for c in configs}
