@@ -16,7 +16,7 @@ CONFIGS = sorted((REPO / "config_hub" / "finetune").glob("*/*.yaml"))
 def test_config_hub_covers_every_family():
     dirs = {p.parent.name for p in CONFIGS}
     for family in ("llama-2-7b", "llama-3.2-1b", "mistral-7b", "qwen2.5-0.5b", "smollm2-135m", "tinyllama-1.1b",
-                   "phi-3-mini", "gemma-2b", "pythia-160m"):
+                   "phi-3-mini", "gemma-2b", "pythia-160m", "demo"):
         assert family in dirs
         for method in ("lora", "full", "qlora"):
             assert (REPO / "config_hub" / "finetune" / family / f"{method}.yaml").is_file()
