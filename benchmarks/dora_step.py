@@ -12,6 +12,8 @@ medians and the ratios DoRA / LoRA per implementation:
 * step time: median over `--steps` steps after one warmup step (forward + backward + AdamW step);
 * peak RSS: `ru_maxrss` of the whole child; train peak: VmHWM reset right before the first step,
   i.e. the peak while training (imports and weight loading excluded);
+* cpu-s / step: CPU seconds this process spent per timed step (utime + stime): less sensitive to
+  other processes than wall time, though contention still inflates it;
 * other cores: how many cores other processes used during the timed steps (/proc/stat): the
   machine is shared, so a run with other > ~0.2 is disturbed.
 """
@@ -91,7 +93,8 @@ def child(impl: str) -> None:
     hwm = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmHWM:"))
     print("RESULT " + json.dumps(dict(
-        impl=impl, step_s=statistics.median(times[1:]), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        impl=impl, step_s=statistics.median(times[1:]), min_step_s=min(times[1:]), cpu_s=own * wall / ARGS.steps,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         train_peak_mb=hwm if hwm_reset else None, loss_first=losses[0], loss_last=losses[-1],
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), threads=torch.get_num_threads(),
         own_cores=own, other_cores=max(0.0, (busy_jiffies() - busy0) / hz / wall - own))), flush=True)
@@ -121,26 +124,28 @@ def main() -> None:
             for impl in CONTENDERS:
                 r = run_child(impl, tmp)
                 results[impl].append(r)
-                print(f"  round {rnd + 1} {impl:<10} step {r['step_s']:6.2f}s  peak_rss {r['peak_rss_mb']:6.0f}MB  "
+                print(f"  round {rnd + 1} {impl:<10} step {r['step_s']:6.2f}s (min {r['min_step_s']:6.2f}s, "
+                      f"{r['cpu_s']:6.2f} cpu-s)  peak_rss {r['peak_rss_mb']:6.0f}MB  "
                       f"train_peak {r['train_peak_mb'] or float('nan'):6.0f}MB  loss {r['loss_first']:.5f}->"
                       f"{r['loss_last']:.5f}  threads {r['threads']} own {r['own_cores']:.2f} other "
                       f"{r['other_cores']:.2f} cores  load {loadavg()}", flush=True)
     print(f"load average at end: {loadavg()}\n")
-    keys = ("step_s", "peak_rss_mb", "train_peak_mb", "other_cores")
+    keys = ("step_s", "cpu_s", "peak_rss_mb", "train_peak_mb", "other_cores")
     med = {i: {k: statistics.median(r[k] for r in rs) for k in keys if all(r[k] is not None for r in rs)}
            for i, rs in results.items()}
-    print("| | step s | peak RSS MB | train peak MB | trainable | other cores |\n|---|---|---|---|---|---|")
+    print("| | step s | cpu-s / step | peak RSS MB | train peak MB | trainable | other cores |\n"
+          "|---|---|---|---|---|---|---|")
     for i in CONTENDERS:
         m = med[i]
-        print(f"| {i} | {m['step_s']:.2f} | {m['peak_rss_mb']:.0f} | {m.get('train_peak_mb', float('nan')):.0f} | "
+        print(f"| {i} | {m['step_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_mb']:.0f} | {m.get('train_peak_mb', float('nan')):.0f} | "
               f"{results[i][0]['trainable']:,} | {m['other_cores']:.2f} |")
-    print("\n| DoRA / LoRA | step time | peak RSS | train peak |\n|---|---|---|---|")
+    print("\n| DoRA / LoRA | step time | cpu-s / step | peak RSS | train peak |\n|---|---|---|---|---|")
     for lib in ("litft", "peft"):
         d, lo = med[f"{lib}-dora"], med[f"{lib}-lora"]
         per_round = ", ".join(f"{a['step_s'] / b['step_s']:.2f}" for a, b in zip(results[f"{lib}-dora"],
                                                                                  results[f"{lib}-lora"]))
         train = f"{d['train_peak_mb'] / lo['train_peak_mb']:.2f}x" if "train_peak_mb" in d else "-"
-        print(f"| {lib} | {d['step_s'] / lo['step_s']:.2f}x (rounds: {per_round}) | "
+        print(f"| {lib} | {d['step_s'] / lo['step_s']:.2f}x (rounds: {per_round}) | {d['cpu_s'] / lo['cpu_s']:.2f}x | "
               f"{d['peak_rss_mb'] / lo['peak_rss_mb']:.2f}x | {train} |")
 
 

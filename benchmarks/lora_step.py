@@ -201,11 +201,9 @@ def child(args) -> None:
 
     prof = None
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile, schedule
+        from torch.profiler import ProfilerActivity, profile
 
-        prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=args.steps),
-                       record_shapes=False)
-        prof.start()
+        prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)  # started after the warmup step
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hwm_reset = True
     try:
@@ -217,6 +215,8 @@ def child(args) -> None:
     for i in range(args.steps + 1):
         if i == 1:  # step 0 is warmup; measure the machine's load over the timed steps
             busy0, own0, wall0 = busy_jiffies(), own_jiffies(), time.perf_counter()
+            if prof is not None:
+                prof.start()
         t0 = time.perf_counter()
         loss = forward(x)
         t1 = time.perf_counter()
@@ -227,8 +227,6 @@ def child(args) -> None:
         t3 = time.perf_counter()
         times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
         losses.append(loss.item())
-        if prof is not None:
-            prof.step()
     hz = os.sysconf("SC_CLK_TCK")
     wall = time.perf_counter() - wall0
     own_cores = (own_jiffies() - own0) / hz / wall

@@ -65,8 +65,11 @@ def plot(run_dirs: list[Path], out: Path = Path("val_loss.png"), tag: str = "val
         raise LitftError("no run directories given: e.g. litft plot out/methods/*")
     series, all_tags = [], set()
     for d in run_dirs:
-        if not Path(d).is_dir():
-            raise LitftError(f"{d}: not a directory")
+        if not Path(d).exists():
+            raise LitftError(f"{d}: no such run directory")
+        if not Path(d).is_dir():  # a shell glob (out/methods/*) also catches the PNGs written there
+            print(f"skipping {d}: not a run directory")
+            continue
         steps, values, tags = read_scalars(Path(d), tag)
         all_tags.update(tags)
         if steps:

@@ -34,6 +34,7 @@ def test_plot_writes_a_png_of_every_run(tmp_path):
     for i, name in enumerate(["lora", "dora", "neft"]):
         write_run(tmp_path / "runs" / name, 0, {s: 3.0 - 0.1 * s * (i + 1) / 3 for s in range(0, 21, 5)})
     # the run directories as separate words, as a shell glob (litft plot out/methods/*) gives them
+    (tmp_path / "runs" / "old.png").write_bytes(b"png")  # a glob catches earlier plots too: skipped
     run(["plot", *sorted(map(str, (tmp_path / "runs").iterdir())), "--out", str(tmp_path / "val.png")])
     img = Image.open(tmp_path / "val.png")
     assert img.format == "PNG" and img.size == (960, 560)
@@ -45,7 +46,7 @@ def test_plot_errors_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LitftError, match="no TensorBoard event files"):
         run(["plot", str(tmp_path / "empty")])
-    with pytest.raises(LitftError, match="not a directory"):
+    with pytest.raises(LitftError, match="no such run directory"):
         run(["plot", str(tmp_path / "missing")])
     write_run(tmp_path / "runs" / "a", 0, {0: 1.0})
     write_run(tmp_path / "runs" / "b", 0, {0: 1.0})
