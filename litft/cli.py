@@ -140,6 +140,7 @@ def _finetune_methods() -> dict[str, Any]:
 
 
 def commands() -> dict[str, Any]:
+    from litft.adapters.peft_format import export_peft, import_peft
     from litft.convert import convert_from_litft, convert_to_litft, download
     from litft.generate import main as generate
     from litft.plot import plot
@@ -147,6 +148,8 @@ def commands() -> dict[str, Any]:
     return {
         "finetune": _finetune_methods(),
         "merge_lora": merge_lora,
+        "export_peft": export_peft,
+        "import_peft": import_peft,
         "generate": generate,
         "plot": plot,
         "convert_to_litft": convert_to_litft,

@@ -83,11 +83,13 @@ def main(
     seed: int = 42,
     prompt_style: str | None = None,
     precision: str = "32-true",
+    adapter_dir: Path | None = None,
 ) -> str:
-    """Generate text from a litft checkpoint.
+    """Generate text from a litft checkpoint, optionally through a trained (unmerged) adapter.
 
     Args:
-        checkpoint_dir: a litft checkpoint directory (e.g. from `litft convert_to_litft` or `litft merge_lora`).
+        checkpoint_dir: a litft checkpoint directory (e.g. from `litft convert_to_litft` or `litft merge_lora`);
+            with adapter_dir, the base model the adapter applies to.
         prompt: the text to continue.
         max_new_tokens: how many tokens to generate at most (stops earlier at an end-of-sequence token).
         temperature: 0 for greedy decoding; higher is more random.
@@ -96,13 +98,23 @@ def main(
         seed: random seed for sampling.
         prompt_style: wrap the prompt in a template first (e.g. alpaca, chatml, llama3); default none.
         precision: 32-true, bf16-true or 16-true.
+        adapter_dir: the `final/` directory of an adapter run (LoRA, DoRA, QLoRA, ..., or `litft import_peft`'s
+            output): generate with its adapter on checkpoint_dir, unmerged (a QLoRA run keeps its quantized base).
     """
     from litft.checkpoint import load_model
     from litft.tokenizer import Tokenizer
 
     dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}[precision]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(checkpoint_dir, device=device, dtype=dtype)
+    if adapter_dir is None:
+        model = load_model(checkpoint_dir, device=device, dtype=dtype)
+    else:
+        from litft.methods.base import load_method
+
+        method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
+        model = method.model
+        if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
+            model.to(device=device, dtype=dtype)  # activations' dtype; casting would touch its packed weights
     tokenizer = Tokenizer(checkpoint_dir)
     if prompt_style:
         from litft.data.prompts import PromptStyle

@@ -86,6 +86,50 @@ def _out_dim(config: Config, litft_module: str) -> int:
     }[leaf]
 
 
+def fuse_rows(config: Config, join: str | None, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The HF tensor of a module from its litft parts (weights, biases, or anything with one row per
+    output feature: LoRA B matrices, DoRA magnitudes), laid out as the rule's `join` says."""
+    if join is None:
+        return parts[0]
+    if join == "cat":
+        return torch.cat(parts, dim=0)
+    # "heads": rows are [n_head, 3 (q,k,v), head_dim]
+    rows = [p.reshape(config.n_head, 1, config.head_dim, *p.shape[1:]) for p in parts]
+    return torch.cat(rows, dim=1).reshape(-1, *parts[0].shape[1:])
+
+
+def split_rows(config: Config, join: str | None, litft_modules: list[str], tensor: torch.Tensor,
+               name: str = "tensor") -> list[torch.Tensor]:
+    """The inverse of `fuse_rows`: the rows of an HF tensor split into the litft modules' parts."""
+    if join is None:
+        return [tensor]
+    sizes = [_out_dim(config, n) for n in litft_modules]
+    if sum(sizes) != tensor.shape[0]:
+        raise LitftError(f"{name} has {tensor.shape[0]} rows; the config expects {sum(sizes)}")
+    if join == "cat":
+        return [t.contiguous() for t in torch.split(tensor, sizes, dim=0)]
+    per_head = tensor.reshape(config.n_head, len(litft_modules), config.head_dim, *tensor.shape[1:])
+    return [per_head[:, i].reshape(config.n_head * config.head_dim, *tensor.shape[1:]).contiguous()
+            for i in range(len(litft_modules))]
+
+
+# Modules transformers >= 5 names differently from the checkpoint tensors it loads (renamed on load). The maps
+# above name tensors; PEFT adapters name modules, so they need the names of the transformers that loads them.
+_TRANSFORMERS5_MODULES = {"gpt_neox": {"embed_out": "lm_head"}}
+
+
+def hf_modules(config: Config, transformers5: bool = False) -> dict[str, tuple[list[str], str | None]]:
+    """Every HF module of a model with this config -> (the litft modules it holds, in order; its join).
+    transformers5: the module names of transformers >= 5 instead of the checkpoint's tensor names."""
+    renames = _TRANSFORMERS5_MODULES.get(config.family, {}) if transformers5 else {}
+    out = {}
+    for _, hf, lit, join in _compile(config.family):
+        for layer in range(config.n_layer) if "{}" in hf else [None]:
+            hf_name, *lit_names = (t if layer is None else t.format(layer) for t in (renames.get(hf, hf), *lit))
+            out[hf_name] = (lit_names, join)
+    return out
+
+
 def hf_to_litft(config: Config, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Rename (and split fused) HF tensors into litft names, one tensor at a time (streaming)."""
     rules = _compile(config.family)
@@ -102,17 +146,7 @@ def hf_to_litft(config: Config, tensors: Iterable[tuple[str, torch.Tensor]]) -> 
         lit = [t.format(*idx) + "." + suffix for t in lit]
         if config.tie_embeddings and lit[0] == "lm_head.weight":
             continue  # tied: the head is the embedding
-        if join is None:
-            yield lit[0], tensor
-        elif join == "cat":
-            sizes = [_out_dim(config, n.rsplit(".", 1)[0]) for n in lit]
-            if sum(sizes) != tensor.shape[0]:
-                raise LitftError(f"tensor {name!r} has {tensor.shape[0]} rows; the config expects {sum(sizes)}")
-            yield from zip(lit, (t.contiguous() for t in torch.split(tensor, sizes, dim=0)))
-        else:  # "heads": rows are [n_head, 3 (q,k,v), head_dim]
-            per_head = tensor.reshape(config.n_head, 3, config.head_dim, *tensor.shape[1:])
-            for i, n in enumerate(lit):
-                yield n, per_head[:, i].reshape(config.n_head * config.head_dim, *tensor.shape[1:]).contiguous()
+        yield from zip(lit, split_rows(config, join, [n.rsplit(".", 1)[0] for n in lit], tensor, f"tensor {name!r}"))
 
 
 def litft_to_hf(config: Config, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,16 +159,9 @@ def litft_to_hf(config: Config, state_dict: dict[str, torch.Tensor]) -> dict[str
                 names = [(t.format(layer) if layer is not None else t) + "." + suffix for t in lit]
                 if not all(n in state_dict for n in names):
                     continue
-                parts = [state_dict[n] for n in names]
                 used.update(names)
-                if join is None:
-                    tensor = parts[0]
-                elif join == "cat":
-                    tensor = torch.cat(parts, dim=0)
-                else:
-                    rows = [p.reshape(config.n_head, 1, config.head_dim, *p.shape[1:]) for p in parts]
-                    tensor = torch.cat(rows, dim=1).reshape(-1, *parts[0].shape[1:])
-                out[(hf.format(layer) if layer is not None else hf) + "." + suffix] = tensor
+                out[(hf.format(layer) if layer is not None else hf) + "." + suffix] = fuse_rows(
+                    config, join, [state_dict[n] for n in names])
     if config.tie_embeddings:
         out.pop("lm_head.weight", None)  # HF re-ties it from the embedding on load
     left = sorted(set(state_dict) - used)

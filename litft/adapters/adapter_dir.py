@@ -1,0 +1,165 @@
+"""A trained LoRA / DoRA adapter as plain data, and the run directory (`out_dir/final`) that holds it.
+
+`AdapterWeights` is what `litft export_peft` / `import_peft` (peft_format.py) and the named adapters of
+multi.py exchange: the hyperparameters plus the tensors under litft's names
+
+    <module>.lora_A  (r, in)      <module>.lora_B  (out, r)      <module>.lora_magnitude  (out,)  DoRA only
+
+Reading one needs no base model, so exporting a QLoRA run never loads (or quantizes) its base.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from litft.checkpoint import WEIGHTS, check_checkpoint_dir, iter_safetensors, save_safetensors
+from litft.methods.base import METHOD_CONFIG
+from litft.models.config import Config
+from litft.models.gpt import GPT
+from litft.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
+from litft.utils import LitftError, atomic_write_text
+
+ADAPTER_FILE = "adapter.safetensors"  # = LoRA.weights_file
+SUFFIXES = ("lora_A", "lora_B", "lora_magnitude")
+METHOD_CLASSES = {False: "litft.methods.lora.LoRA", True: "litft.methods.dora.DoRA"}  # keyed by DoRA or not
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter: every adapted module has the same r, alpha and scaling (as a litft run has)."""
+
+    r: int
+    alpha: float
+    tensors: dict[str, Tensor]  # litft names, see the module docstring
+    use_rslora: bool = False
+    dropout: float = 0.0
+
+    @property
+    def dora(self) -> bool:
+        return any(k.endswith(".lora_magnitude") for k in self.tensors)
+
+    def modules(self) -> list[str]:
+        """The adapted modules, in the order of the tensors."""
+        return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in self.tensors))
+
+    def targets(self) -> list[str]:
+        """Leaf names (q_proj, ..., lm_head): what a litft method's `targets` option takes."""
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules()})
+
+
+def check_tensors(tensors: dict[str, Tensor], source: str) -> None:
+    """Every key is <module>.lora_A / lora_B / lora_magnitude, each module has A and B, ranks agree."""
+    others = [k for k in tensors if k.rsplit(".", 1)[-1] not in SUFFIXES]
+    if others:
+        hint = (" This run also trained biases (bias=all / lora_only): they change the base model itself, which a "
+                "separate adapter cannot carry; merge it with `litft merge_lora` instead."
+                if all(k.endswith(".bias") for k in others) else "")
+        raise LitftError(f"{source}: not LoRA/DoRA adapter tensors: {others[:3]}.{hint}")
+    for module in dict.fromkeys(k.rsplit(".", 1)[0] for k in tensors):
+        A, B = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise LitftError(f"{source}: {module} needs lora_A (r, in) and lora_B (out, r); got "
+                             f"{None if A is None else tuple(A.shape)} and {None if B is None else tuple(B.shape)}")
+
+
+def read_adapter_dir(run_dir: Path | str) -> tuple[AdapterWeights, dict]:
+    """The adapter of a litft run directory and the run's method config (class_path, init_args)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / METHOD_CONFIG
+    if not cfg_path.is_file():
+        raise LitftError(f"{run_dir}: no {METHOD_CONFIG}; expected the `final/` (or `step-N/`) directory of a "
+                         "litft finetune run (a PEFT adapter directory is read with `litft import_peft`)")
+    method_config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    args = method_config.get("init_args", {})
+    if "r" not in args or "alpha" not in args:
+        raise LitftError(f"{run_dir}: a {method_config.get('class_path')} run is not an adapter run (full "
+                         "fine-tuning writes a whole model: use `litft convert_from_litft` on it)")
+    path = run_dir / ADAPTER_FILE
+    if not path.is_file():
+        raise LitftError(f"{run_dir}: {ADAPTER_FILE} is missing (was the run interrupted before it finished?)")
+    tensors = dict(iter_safetensors(path))
+    check_tensors(tensors, str(path))
+    adapter = AdapterWeights(r=int(args["r"]), alpha=float(args["alpha"]), tensors=tensors,
+                             use_rslora=bool(args.get("use_rslora", False)), dropout=float(args.get("dropout", 0.0)))
+    return adapter, method_config
+
+
+def write_adapter_dir(adapter: AdapterWeights, out_dir: Path | str, checkpoint_dir: Path | str) -> Path:
+    """A run directory like `final/` (adapter.safetensors + method_config.yaml + tokenizer files) that
+    `load_method`, `litft merge_lora` and `litft generate --adapter_dir` read. Written under a temp name and
+    renamed, so a failure leaves nothing half-written."""
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    check_tensors(adapter.tensors, "adapter")
+    init_args = {"checkpoint_dir": str(Path(checkpoint_dir).resolve()), "r": adapter.r, "alpha": adapter.alpha,
+                 "dropout": adapter.dropout, "targets": adapter.targets(), "bias": "none",
+                 "use_rslora": adapter.use_rslora}
+    method_config = {"class_path": METHOD_CLASSES[adapter.dora], "init_args": init_args}
+
+    def write(d: Path) -> None:
+        save_safetensors(adapter.tensors, d / ADAPTER_FILE, metadata={"method": METHOD_CLASSES[adapter.dora]})
+        copy_tokenizer_files(checkpoint_dir, d)
+        atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method_config, sort_keys=False))
+
+    return write_dir_atomically(Path(out_dir), write, {ADAPTER_FILE, METHOD_CONFIG, *TOKENIZER_FILES})
+
+
+def write_dir_atomically(out_dir: Path, write: Callable[[Path], None], names: set[str]) -> Path:
+    """`write` fills a temp directory (with files named from `names`), which then replaces `out_dir`. An existing
+    `out_dir` is only replaced if it holds nothing else (an earlier output), never other files of the user's."""
+    from litft.train import save_dir_atomically
+
+    if out_dir.exists():
+        others = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else [out_dir.name]
+        others = [n for n in others if n not in names]
+        if others:
+            raise LitftError(f"{out_dir} exists and holds other files ({', '.join(others[:3])}); choose a new or "
+                             "empty out_dir")
+    save_dir_atomically(out_dir, write)
+    return out_dir
+
+
+def base_weight_reader(checkpoint_dir: Path | str) -> Callable[[str], Tensor]:
+    """module name -> its base weight (out, in) read from the checkpoint file, one tensor at a time (DoRA
+    needs a few base row norms; loading the whole model for them would be wasteful)."""
+    path = check_checkpoint_dir(checkpoint_dir) / WEIGHTS
+
+    def read(module: str) -> Tensor:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                key = f"{module}.weight"
+                if key not in f.keys() and module == "lm_head":
+                    key = "embed.weight"  # a tied head is stored as the embedding
+                return f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LitftError(f"{path}: cannot read the base weight of {module}: {e}") from e
+
+    return read
+
+
+def linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear layer of a model with this config (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_fits(adapter: AdapterWeights, config: Config, source: str) -> None:
+    """Every adapted module exists in this base model and has the adapter's shapes; else one clear error."""
+    shapes = linear_shapes(config)
+    fix = "it was made for another base model: pass the checkpoint_dir of the model it was trained on"
+    for module in adapter.modules():
+        if module not in shapes:
+            raise LitftError(f"{source}: the adapter adapts {module}, which this {config.family} model "
+                             f"({config.n_layer} layers) does not have; {fix}")
+        out, in_ = shapes[module]
+        A, B = adapter.tensors[f"{module}.lora_A"], adapter.tensors[f"{module}.lora_B"]
+        m = adapter.tensors.get(f"{module}.lora_magnitude")
+        if A.shape[1] != in_ or B.shape[0] != out or (m is not None and tuple(m.shape) != (out,)):
+            raise LitftError(f"{source}: {module} is ({out}, {in_}) (out, in) in this base model but the adapter has "
+                             f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; {fix}")
