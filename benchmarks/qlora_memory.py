@@ -4,8 +4,9 @@
 
 1. Bytes of the base weights of the SmolLM2-135M shape (vocab 49152, d 576, 30 layers, tied
    embeddings; random init) for fp32, bf16, int8, nf4 and nf4-dq: the quantized Linear weights
-   (codes + every statistic they need) and the model in total, with the unquantized parts
-   (embedding, norms) kept in bf16 as a 16-bit model would hold them.
+   (codes + every statistic they need), the embedding (= the tied head) and the model in total,
+   with the unquantized parts (embedding, norms) kept in bf16 as a 16-bit model would hold them;
+   then int8, nf4 and nf4-dq with `quantize_embedding` (the embedding quantized too).
 2. One training step of LoRA vs QLoRA (nf4-dq) on that model, r=16 alpha=32 on all seven
    projections, AdamW, dropout 0, fp32 (CPU: no bf16 units here), `--batch` x `--seq` tokens. Each
    runs in its own process; reported: the RSS after loading, the peak RSS during the training steps
@@ -63,11 +64,12 @@ def write_random_checkpoint(name: str, out: Path, dtype: str) -> None:
     save_checkpoint(sd, cfg, out)
 
 
-def nf4_dq_bytes(name: str) -> tuple[int, int]:
+def nf4_dq_bytes(name: str, quantize_embedding: bool = False) -> tuple[int, int]:
     """(bf16 bytes, nf4-dq bytes) of a named config's base weights, by the same accounting as
-    `weight_bytes` (exact: 1. checks it against the measured SmolLM2 number): per quantized Linear,
-    n/2 code bytes + one uint8 absmax per 64 weights + one fp32 scale per 256 absmaxes + the offset
-    and the two code books; everything else (embedding, norms, lm_head) in bf16."""
+    `weight_bytes` (exact: 1. checks it against the measured SmolLM2 numbers): per quantized Linear
+    (and with `quantize_embedding` the embedding, which a tied head shares), n/2 code bytes + one
+    uint8 absmax per 64 weights + one fp32 scale per 256 absmaxes + the offset and the two code
+    books; everything else (norms, an untied lm_head, the embedding unless quantized) in bf16."""
     import torch
 
     from litft.adapters.quantize import DEFAULT_SKIP, quantize_targets
@@ -78,9 +80,11 @@ def nf4_dq_bytes(name: str) -> tuple[int, int]:
         model = GPT(Config.from_name(name))
     total = sum(p.numel() for p in model.parameters())  # tied weights count once
     names = quantize_targets(model, DEFAULT_SKIP)
-    q_numel = sum(model.get_submodule(n).weight.numel() for n in names)
-    q_bytes = sum(-(-n // 2) + -(-n // 64) + 4 * -(-n // (64 * 256)) + 4 + 16 * 4 + 256 * 4
-                  for n in (model.get_submodule(n).weight.numel() for n in names))
+    numels = [model.get_submodule(n).weight.numel() for n in names]
+    if quantize_embedding:
+        numels.append(model.embed.weight.numel())
+    q_numel = sum(numels)
+    q_bytes = sum(-(-n // 2) + -(-n // 64) + 4 * -(-n // (64 * 256)) + 4 + 16 * 4 + 256 * 4 for n in numels)
     return 2 * total, 2 * (total - q_numel) + q_bytes
 
 
@@ -91,12 +95,18 @@ def child_bytes(ckpt: str) -> dict:
     from litft.adapters.quantize import load_quantized_model, weight_bytes
     from litft.checkpoint import load_model
 
-    fp32 = weight_bytes(load_model(ckpt))["total"]
+    model = load_model(ckpt)
+    fp32, emb_numel = weight_bytes(model)["total"], model.embed.weight.numel()
+    del model
     res = {"fp32": {"linear": None, "total": fp32}, "bf16": {"linear": None, "total": fp32 // 2}}
     for mode in MODES:
-        wb = weight_bytes(load_quantized_model(ckpt, mode, device="cpu", dtype=torch.bfloat16))
-        res[mode] = {"linear": wb["quantized"], "unquantized": wb["unquantized"], "total": wb["total"]}
+        for quantize_embedding in (False, True):
+            wb = weight_bytes(load_quantized_model(ckpt, mode, device="cpu", dtype=torch.bfloat16,
+                                                   quantize_embedding=quantize_embedding))
+            res[f"{mode} + embedding" if quantize_embedding else mode] = {
+                "quantized": wb["quantized"], "unquantized": wb["unquantized"], "total": wb["total"]}
     res["linear_fp32"] = fp32 - 2 * res["bnb.nf4"]["unquantized"]  # what the quantized layers take in fp32
+    res["embedding_fp32"] = 4 * emb_numel
     return res
 
 
@@ -188,17 +198,27 @@ def mb(n: float) -> str:
 
 def print_bytes(args, smol: Path) -> None:
     b = run_child(args.threads, "bytes", str(smol))
-    bf16, lin32 = b["bf16"]["total"], b["linear_fp32"]
-    print(f"\n1. Base weights of the {SMOL} shape (quantized: the 210 Linear layers; embedding and norms in bf16)")
-    print(f"{'format':<12}{'Linear weights':>16}{'vs fp32':>9}{'vs bf16':>9}{'whole model':>16}{'vs bf16':>9}")
-    for k in ("fp32", "bf16", *MODES):
-        lin = {"fp32": lin32, "bf16": lin32 // 2}.get(k) or b[k]["linear"]
-        print(f"{k:<12}{mb(lin):>16}{lin / lin32:>8.3f}x{lin / (lin32 / 2):>8.3f}x{mb(b[k]['total']):>16}"
-              f"{b[k]['total'] / bf16:>8.3f}x")
+    bf16, lin32, emb32 = b["bf16"]["total"], b["linear_fp32"], b["embedding_fp32"]
+    print(f"\n1. Base weights of the {SMOL} shape (quantized: the 210 Linear layers, + embedding: the embedding "
+          "= tied head too; the rest in bf16)")
+    print(f"{'format':<22}{'Linear weights':>16}{'vs fp32':>9}{'vs bf16':>9}{'embedding':>13}{'vs bf16':>9}"
+          f"{'whole model':>16}{'vs bf16':>9}")
+    rows = ("fp32", "bf16", *MODES, *(f"{m} + embedding" for m in MODES))
+    for k in rows:
+        mode, _, with_emb = k.partition(" + ")
+        lin = {"fp32": lin32, "bf16": lin32 // 2}.get(k) or b[mode]["quantized"]
+        emb = (emb32 if k == "fp32" else b[k]["quantized"] - b[mode]["quantized"] if with_emb else emb32 // 2)
+        print(f"{k.removeprefix('bnb.'):<22}{mb(lin):>16}{lin / lin32:>8.3f}x{lin / (lin32 / 2):>8.3f}x"
+              f"{emb / 1e6:>10.1f} MB{emb / (emb32 / 2):>8.3f}x{mb(b[k]['total']):>16}{b[k]['total'] / bf16:>8.3f}x")
+    goal = b["bnb.nf4-dq + embedding"]["total"] / bf16
+    print(f"   goal (issue 5): nf4-dq + embedding <= 0.30x of bf16 for the whole model: {goal:.3f}x, "
+          f"{'met' if goal <= 0.30 else 'NOT met'}")
     for name in (SMOL, "Qwen2.5-0.5B", ONE_B, "TinyLlama-1.1B", "Llama-2-7b-hf", "Llama-3.1-8B"):
-        b16, q = nf4_dq_bytes(name)
-        check = f"  (measured above: {b['bnb.nf4-dq']['total']:,} bytes; this formula: {q:,})" if name == SMOL else ""
-        print(f"   nf4-dq whole model / bf16 for the {name} shape: {q / b16:.3f}x{check}")
+        (b16, q), (_, qe) = nf4_dq_bytes(name), nf4_dq_bytes(name, quantize_embedding=True)
+        check = (f"  (measured above: {b['bnb.nf4-dq']['total']:,} / {b['bnb.nf4-dq + embedding']['total']:,} bytes; "
+                 f"this formula: {q:,} / {qe:,})" if name == SMOL else "")
+        print(f"   nf4-dq whole model / bf16 for the {name} shape: {q / b16:.3f}x, with the embedding quantized "
+              f"{qe / b16:.3f}x{check}")
 
 
 def print_steps(args, smol: Path) -> None:

@@ -1,4 +1,5 @@
-"""QLoRA: quantized frozen base (litft.adapters.quantize), the QLoRA method, merging, bad input.
+"""QLoRA: quantized frozen base (litft.adapters.quantize), the QLoRA method, merging, bad input, and the
+opt-in quantized token embedding (quantize_embedding, with a tied head on the same storage).
 
 Oracles: bitsandbytes' own functional API called directly on the checkpoint's tensors (codes,
 statistics, dequantization), the NF4 table of the QLoRA paper, full-precision LoRA on the
@@ -19,10 +20,12 @@ from safetensors.torch import load_file
 
 from litft.adapters.inject import is_adapter_param_name
 from litft.adapters.lora import LoRALinear
-from litft.adapters.quantize import (QUANTIZE_MODES, check_bitsandbytes, dequantize_weight, is_quantized_linear,
-                                     load_quantized_model, weight_bytes)
+from litft.adapters.quantize import (QUANTIZE_MODES, QuantizedEmbedding, QuantizedTiedHead, check_bitsandbytes,
+                                     dequantize_model, dequantize_weight, is_quantized_linear, load_quantized_model,
+                                     quantize_model, weight_bytes)
 from litft.checkpoint import expected_shapes, load_model, load_state_dict, save_checkpoint
 from litft.cli import main, run
+from litft.generate import generate
 from litft.methods.lora import LoRA
 from litft.methods.qlora import QLoRA
 from litft.models.config import Config
@@ -55,6 +58,11 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ckpt_bias(tmp_path_factory) -> Path:  # biases on quantized layers (q, k, v) stay full precision
     return make_checkpoint(tmp_path_factory.mktemp("ckpt_bias"), qkv_bias=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt_tied(tmp_path_factory) -> Path:  # the head is the embedding (SmolLM2's layout)
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt_tied"), tie_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +270,155 @@ def test_qlora_trains_merges_and_converts(ckpt, task, tmp_path):
         assert (hf(x).logits - ours).abs().max() <= 1e-4
 
 
+# ------------------------------------------------------------------ quantize_embedding: the token embedding
+def bnb_table(table: torch.Tensor, mode: str) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """bitsandbytes' own quantization of an embedding table: (codes, statistics, dequantized table)."""
+    spec = QUANTIZE_MODES[mode]
+    if spec.bits == 8:
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(table.half())
+        return cb, scb, bnb.functional.int8_vectorwise_dequant(cb, scb)
+    codes, state = bnb.functional.quantize_4bit(table, blocksize=64, quant_type=spec.quant_type,
+                                                compress_statistics=spec.double_quant)
+    return codes, state, bnb.functional.dequantize_4bit(codes, state)
+
+
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"])
+def test_embedding_rows_equal_bitsandbytes(ckpt_tied, mode, monkeypatch):
+    model = load_quantized_model(ckpt_tied, mode, device="cpu", quantize_embedding=True)
+    emb, head = model.embed, model.lm_head
+    assert isinstance(emb, QuantizedEmbedding) and isinstance(head, QuantizedTiedHead) and head.table is emb
+    assert head.weight is emb.weight and emb.weight.dtype == torch.float32 and not emb.weight.requires_grad
+    codes, stats, full = bnb_table(load_state_dict(ckpt_tied)["embed.weight"], mode)
+    assert torch.equal(emb.codes, codes)  # the storage is bitsandbytes' own, bit for bit
+    if mode == "bnb.int8":
+        assert torch.equal(emb.row_absmax, stats)
+    else:
+        qs = emb.quant_state
+        assert torch.equal(qs.absmax, stats.absmax) and (qs.blocksize, qs.nested) == (64, stats.nested)
+        if qs.nested:
+            assert torch.equal(qs.state2.absmax, stats.state2.absmax) and torch.equal(qs.offset, stats.offset)
+    assert torch.equal(emb.dequantize(), full) and torch.equal(dequantize_weight(emb), full)
+
+    # A lookup returns exactly those rows of the whole dequantized table, and bitsandbytes is only ever
+    # asked to dequantize the looked-up rows (spied on, not replaced).
+    asked = []
+    for fn in ("dequantize_4bit", "int8_vectorwise_dequant"):
+        real = getattr(bnb.functional, fn)
+        monkeypatch.setattr(bnb.functional, fn, lambda a, *args, _real=real, **kw: asked.append(a.numel())
+                            or _real(a, *args, **kw))
+    ids = torch.tensor([[0, 5, 5, 319], [17, 318, 2, 0]])
+    rows = emb(ids)
+    row_codes = 64 if mode == "bnb.int8" else 32  # int8: one byte per value; 4 bit: two values per byte
+    assert torch.equal(rows, full[ids]) and asked == [ids.numel() * row_codes]
+    monkeypatch.undo()
+
+    # Casting the model (as Fabric's bf16-true does) re-views the codes' bytes: they stay bnb's codes.
+    model.to(torch.bfloat16)
+    assert emb.weight.dtype == torch.bfloat16 and torch.equal(emb.codes, codes)
+    assert torch.equal(emb(ids), full[ids].bfloat16())
+    model.float()
+    assert torch.equal(emb(ids), full[ids])
+
+
+def quantized_embedding_and_reference(ckpt: Path, mode: str) -> tuple[LoRA, LoRA]:
+    """QLoRA with quantize_embedding, and the same QLoRA (same quantized Linear layers, same adapters,
+    LoRA on the head too) whose embedding and tied head are a plain table: the dequantized one."""
+    kw = dict(checkpoint_dir=ckpt, r=4, alpha=8, dropout=0.0, targets=["all-linear", "lm_head"], quantize=mode)
+    torch.manual_seed(0)
+    q = LoRA(quantize_embedding=True, **kw)
+    q.configure_model()
+    with torch.no_grad():  # B = 0 at init would hide a broken adapter path
+        for m in q.model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.1)
+    ref = LoRA(**kw)
+    ref.configure_model()
+    ref.model.embed.weight = torch.nn.Parameter(q.model.embed.dequantize(), requires_grad=False)
+    ref.model.lm_head.base_layer.weight = ref.model.embed.weight
+    ref.load_trainable_state_dict(q.trainable_state_dict())
+    return q, ref
+
+
+@pytest.mark.parametrize("mode", ["bnb.nf4-dq", "bnb.fp4", "bnb.int8"])
+def test_quantized_embedding_logits_grads_generation(ckpt_tied, mode):
+    q, ref = quantized_embedding_and_reference(ckpt_tied, mode)
+    assert isinstance(q.model.lm_head.base_layer, QuantizedTiedHead)  # the adapter wraps the quantized tied head
+    x = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": x, "labels": x}
+    q.train(), ref.train()
+    assert (q.model(x) - ref.model(x)).abs().max() <= 1e-5
+    # training_step = chunked_cross_entropy(lm_head, ...), the head under activation checkpointing
+    q.training_step(batch).backward()
+    ref.training_step(batch).backward()
+    grads = {n: p.grad for n, p in q.model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in q.model.named_parameters() if p.requires_grad}
+    assert set(grads) == trainable and all(is_adapter_param_name(n) for n in trainable)
+    assert q.model.embed.weight.grad is None and not q.model.embed.weight.requires_grad
+    assert grads["blocks.0.attn.q_proj.lora_A"].abs().sum() > 0  # through the head's backward to the first layer
+    ref_grads = dict(ref.model.named_parameters())
+    for n, g in grads.items():
+        assert torch.allclose(g, ref_grads[n].grad, atol=1e-5, rtol=1e-4), n
+    prompt = torch.tensor([1, 17, 42, 5])
+    assert torch.equal(generate(q.model, prompt, 6), generate(ref.model, prompt, 6))
+
+
+def test_weight_bytes_with_quantized_embedding(ckpt, ckpt_tied):
+    fp32 = weight_bytes(load_model(ckpt_tied))
+    linear_only = weight_bytes(load_quantized_model(ckpt_tied, "bnb.nf4-dq", device="cpu"))
+    model = load_quantized_model(ckpt_tied, "bnb.nf4-dq", device="cpu", quantize_embedding=True)
+    wb = weight_bytes(model)
+    _, s, _ = bnb_table(load_state_dict(ckpt_tied)["embed.weight"], "bnb.nf4-dq")
+    # codes (two per byte), uint8 absmax per 64, fp32 scale per 256 absmaxes, offset, the two code books:
+    # once, although the tied head computes from the same storage
+    table = (320 * 64 // 2 + s.absmax.numel()
+             + 4 * (s.state2.absmax.numel() + 1 + s.code.numel() + s.state2.code.numel()))
+    assert wb["quantized"] == linear_only["quantized"] + table
+    assert wb["unquantized"] == linear_only["unquantized"] - 320 * 64 * 4  # the fp32 table
+    assert wb["total"] / fp32["total"] < 0.6 * linear_only["total"] / fp32["total"]
+    in_memory = load_model(ckpt_tied)  # quantize_model: the same, on a model already in memory
+    assert quantize_model(in_memory, "bnb.nf4-dq", device="cpu", quantize_embedding=True)[-1] == "embed"
+    assert weight_bytes(in_memory) == wb and torch.equal(in_memory.embed.codes, model.embed.codes)
+
+    untied = load_quantized_model(ckpt, "bnb.nf4", device="cpu", quantize_embedding=True)
+    assert isinstance(untied.embed, QuantizedEmbedding)  # an untied head follows quantize_skip: lm_head kept
+    assert type(untied.lm_head) is torch.nn.Linear and untied.lm_head.weight.dtype == torch.float32
+
+    full = model.embed.dequantize()
+    names = dequantize_model(model)
+    assert {"embed", "lm_head"} <= set(names) and type(model.embed) is torch.nn.Embedding
+    assert torch.equal(model.embed.weight, full) and model.lm_head.weight is model.embed.weight  # re-tied
+
+
+def test_qlora_quantized_embedding_trains_and_merges(ckpt_tied, task, tmp_path):
+    out = tmp_path / "out"
+    metrics = run(["finetune", "qlora", "--checkpoint_dir", str(ckpt_tied), "--quantize_embedding", "true",
+                   "--data", "JSON", "--data.json_path", str(task), "--data.prompt_style", "plain",
+                   "--out_dir", str(out), "--train.max_steps", "16", "--train.global_batch_size", "8",
+                   "--train.micro_batch_size", "4", "--lr", "1e-2", "--warmup_steps", "0", "--dropout", "0.0",
+                   "--eval.interval", "0", "--eval.max_iters", "2", "--eval.initial_validation", "true",
+                   "--eval.max_new_tokens", "2", "--logger_name", "none"])
+    assert metrics["val_loss"] < 0.8 * metrics["val_loss_before"]
+    final = out / "final"
+    assert "quantize_embedding: true" in (final / "method_config.yaml").read_text()
+    adapter = load_file(str(final / "adapter.safetensors"))
+    base = load_state_dict(ckpt_tied)
+    _, _, table_dq = bnb_table(base["embed.weight"], "bnb.nf4-dq")
+
+    run(["merge_lora", str(final)])  # default: the original full-precision weights, embedding untouched
+    merged = load_state_dict(final / "merged")
+    run(["merge_lora", str(final), "--merge_into", "dequantized", "--out_dir", str(tmp_path / "dq")])
+    merged_dq = load_state_dict(tmp_path / "dq")
+    assert merged.keys() == base.keys() == merged_dq.keys()  # still tied: no separate lm_head.weight
+    assert torch.equal(merged["embed.weight"], base["embed.weight"])
+    assert torch.equal(merged_dq["embed.weight"], table_dq)  # what the run computed with
+    for k, w in base.items():
+        layer = k.removesuffix(".weight")
+        if f"{layer}.lora_A" in adapter:
+            delta = 16.0 / 8 * adapter[f"{layer}.lora_B"] @ adapter[f"{layer}.lora_A"]
+            assert torch.allclose(merged[k], w + delta, atol=1e-6), k
+            assert torch.allclose(merged_dq[k], bnb_table(w, "bnb.nf4-dq")[2] + delta, atol=1e-6), k
+
+
 # ------------------------------------------------------------------ memory of loading
 def test_quantized_load_streams(tmp_path):
     """A ~135 MB fp32 checkpoint loads as nf4 with a peak well under its fp32 size (fresh process).
@@ -309,6 +466,19 @@ def test_bad_quantize_input(ckpt, capsys):
     assert e.value.code != 0 and "quantize" in capsys.readouterr().err
     with pytest.raises(LitftError, match="merge_into"):
         run(["merge_lora", str(ckpt), "--merge_into", "fp8"])
+
+
+def test_bad_quantize_embedding_input(ckpt, tmp_path, capsys):
+    with pytest.raises(LitftError, match=r"quantize_embedding applies to a quantized base only.*--quantize bnb"):
+        LoRA(checkpoint_dir=ckpt, quantize_embedding=True)
+    args = ["--checkpoint_dir", str(ckpt), "--data", "JSON", "--data.json_path", "x.json"]
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "lora", *args, "--quantize_embedding", "true"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "quantize_embedding applies to a quantized base" in err
+    odd = make_checkpoint(tmp_path / "odd", n_embd=96, n_head=4, n_kv_head=2)  # 96 = 1.5 blocks of 64 per row
+    with pytest.raises(LitftError, match="quantize_embedding needs n_embd divisible by 64.*n_embd=96"):
+        load_quantized_model(odd, "bnb.nf4", device="cpu", quantize_embedding=True)
 
 
 def test_old_or_missing_bitsandbytes_is_named():

@@ -18,11 +18,22 @@ everything else loads as usual. The peak memory of loading is the quantized mode
 transients of quantizing one tensor (a few copies of it), never the whole model in 16/32 bit.
 
 What stays unquantized (explicitly):
-  * embeddings and norms: only `nn.Linear` layers are ever quantized;
+  * the token embedding, unless `quantize_embedding` is on (off by default), and norms: by default
+    only `nn.Linear` layers are quantized;
   * `lm_head` by default (the `skip` list, `--quantize_skip`, overridable): the output projection
     is the layer most sensitive to quantization error and QLoRA leaves it in 16 bit too;
-  * a head tied to the embedding (SmolLM2, Gemma, Llama 3.2) is the embedding: never quantized;
+  * a head tied to the embedding (SmolLM2, Gemma, Llama 3.2) is the embedding: quantized exactly when
+    the embedding is, whatever the skip list says (an untied head follows the skip list);
   * biases, and of course the adapters, which train in full precision on top of the frozen base.
+
+`quantize_embedding` (opt-in) stores the embedding table like a Linear weight of the same mode
+(`QuantizedEmbedding`): 4-bit codes + the QuantState of `quantize_4bit(table, blocksize=64)`, or
+int8 rows + one absmax per row. A lookup dequantizes only the rows it reads; a tied head
+(`QuantizedTiedHead`) computes its logits from the same storage (stored and counted once). It
+matters where the vocabulary is large next to the model: at the SmolLM2-135M shape the bf16
+embedding is 21% of the model, and nf4-dq goes from 0.415x to 0.259x of bf16 with it. It needs
+n_embd divisible by 64 (a LitftError otherwise, before any weight is read): 4-bit blocks then
+never straddle two token rows, so a row's codes and statistics can be gathered on their own.
 
 Gradients: bnb's autograd functions dequantize the frozen weight in backward to pass the gradient
 on to the input, so the adapters of every layer get exact gradients through the dequantized
@@ -35,11 +46,12 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.nn import functional as F
 
 from litft.adapters.inject import TARGET_ALIASES
 from litft.checkpoint import WEIGHTS, check_checkpoint_dir, validate_state_dict
@@ -51,7 +63,7 @@ __all__ = [
     "QuantMode", "QUANTIZE_MODES", "DEFAULT_SKIP", "BLOCKSIZE", "parse_quantize", "check_bitsandbytes",
     "check_quantize", "default_device", "quantize_targets", "quantize_weight", "quantized_linear",
     "quantize_model", "load_quantized_model", "is_quantized_linear", "dequantize_weight", "dequantize_model",
-    "weight_bytes",
+    "weight_bytes", "QuantizedEmbedding", "QuantizedTiedHead", "check_embedding_width",
 ]
 
 BLOCKSIZE = 64  # QLoRA's block size for the 4-bit absmax statistics
@@ -201,14 +213,146 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+# ------------------------------------------------------------------------ the embedding (opt-in)
+def check_embedding_width(n_embd: int) -> None:
+    """`quantize_embedding` needs rows made of whole 4-bit blocks (see the module docstring)."""
+    if n_embd % BLOCKSIZE:
+        raise LitftError(f"quantize_embedding needs n_embd divisible by {BLOCKSIZE} (so that no quantization "
+                         f"block spans two token rows); this model has n_embd={n_embd}: leave "
+                         "quantize_embedding off for it")
+
+
+class QuantizedEmbedding(nn.Module):
+    """A frozen token embedding stored in the format of the quantized Linear weights of `mode`.
+
+    4 bit: the packed codes and QuantState of `bnb.functional.quantize_4bit(table, blocksize=64,
+    quant_type, compress_statistics=double_quant)` (what a `Params4bit` holds); int8:
+    `int8_vectorwise_quant` of the fp16 table (as `Int8Params`), int8 rows + one fp32 absmax per row.
+    `forward` dequantizes only the looked-up rows; `dequantize()` gives the whole table.
+
+    `weight` holds the codes' bytes *viewed* in the float dtype the embedding outputs (as bnb's
+    `quant_storage` does for FSDP): GPT takes the activation dtype and device from `embed.weight`
+    (RoPE tables, KV cache), so they must read right. Its values are meaningless; `codes` is the
+    bnb layout. Casts of the module (`.to(bf16)`, Fabric's precision plugins) re-view those bytes
+    instead of converting them (see `_apply`).
+    """
+
+    def __init__(self, table: torch.Tensor, mode: str | QuantMode, device: torch.device | str) -> None:
+        super().__init__()
+        bnb, self.mode = _bnb(), parse_quantize(mode)
+        self.num_embeddings, self.embedding_dim = table.shape
+        check_embedding_width(self.embedding_dim)
+        table, dtype = table.detach().contiguous().to(device), table.dtype
+        self.quant_state = None  # 4 bit: bnb's QuantState
+        self.row_absmax = None  # int8: (num_embeddings,) fp32
+        if self.mode.bits == 4:  # exactly Params4bit._quantize
+            codes, self.quant_state = bnb.functional.quantize_4bit(
+                table, blocksize=BLOCKSIZE, quant_type=self.mode.quant_type, compress_statistics=self.mode.double_quant)
+        else:  # exactly Int8Params._quantize: rows of the fp16 weight
+            codes, self.row_absmax, _ = bnb.functional.int8_vectorwise_quant(table.half())
+        del table
+        self.weight = nn.Parameter(codes.view(self.num_embeddings, -1).view(dtype), requires_grad=False)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The codes in bnb's layout: 4 bit (numel / 2, 1) uint8 as `quantize_4bit` returns them; int8 (V, C)."""
+        if self.quant_state is None:
+            return self.weight.view(torch.int8)
+        return self.weight.view(torch.uint8).view(-1, 1)
+
+    def _absmax(self) -> torch.Tensor:
+        """fp32 absmax per block of 64, as `dequantize_4bit` computes it (dequantizing the 8-bit
+        absmaxes of double quantization first: 1/64 of the table's size, cheap)."""
+        qs = self.quant_state
+        if not qs.nested:
+            return qs.absmax
+        return (_bnb().functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        bnb, shape = _bnb(), (*input_ids.shape, self.embedding_dim)
+        if self.quant_state is None:
+            rows = bnb.functional.int8_vectorwise_dequant(self.codes[input_ids].view(-1, self.embedding_dim),
+                                                          self.row_absmax[input_ids].view(-1))
+        else:
+            # The rows' packed codes and their blocks' absmaxes, as a small quantized tensor of its own:
+            # bitsandbytes dequantizes just these (rows are whole blocks: check_embedding_width).
+            qs = self.quant_state
+            packed = self.weight.view(torch.uint8)[input_ids]
+            absmax = self._absmax().view(self.num_embeddings, -1)[input_ids]
+            rows_state = bnb.functional.QuantState(absmax=absmax.reshape(-1), shape=torch.Size(shape), code=qs.code,
+                                                   blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=qs.dtype)
+            rows = bnb.functional.dequantize_4bit(packed.reshape(-1, 1), rows_state)
+        return rows.view(shape).to(self.weight.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole (num_embeddings, embedding_dim) table as bitsandbytes dequantizes it: 4 bit in the dtype
+        it was quantized from, int8 in fp32 (as `dequantize_weight` for the Linear layers)."""
+        bnb = _bnb()
+        if self.quant_state is None:
+            return bnb.functional.int8_vectorwise_dequant(self.codes, self.row_absmax)
+        return bnb.functional.dequantize_4bit(self.codes, self.quant_state)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedEmbedding:
+        # nn.Module.to / .half() / .cuda() call fn on every tensor and would convert the codes' bytes as
+        # if they were numbers. Give fn the bytes as uint8 (dtype casts leave integers alone, device
+        # moves apply) and view them in the float dtype fn asks for; the statistics only change device.
+        w = self.weight
+        target = fn(torch.empty(0, dtype=w.dtype, device=w.device))
+        w.data = fn(w.data.view(torch.uint8)).view(target.dtype)
+        if self.quant_state is not None:
+            self.quant_state.to(target.device)
+        else:
+            self.row_absmax = self.row_absmax.to(target.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode.name}"
+
+
+class QuantizedTiedHead(nn.Linear):
+    """The output head of a model whose head is tied to a `QuantizedEmbedding`: logits = x @ table^T,
+    computed from the embedding's storage (stored and counted once). 4 bit: `bnb.matmul_4bit`, as a
+    `Linear4bit` computes (gradient to the input through the dequantized table); int8: the table is
+    dequantized per call and multiplied in the input's dtype (what bnb's int8 layers do in training
+    on CPU; here in eval too).
+
+    An `nn.Linear` (as bnb's Linear4bit is) so that adapters can target it as `lm_head`; `weight` is
+    the embedding's parameter, so the tie reads as with an unquantized tied head."""
+
+    def __init__(self, table: QuantizedEmbedding) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's: that would allocate a weight of its own
+        self.in_features, self.out_features = table.embedding_dim, table.num_embeddings
+        self.table = table  # a submodule: moving the head alone moves the shared storage too
+        self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.table.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        if t.quant_state is None:
+            return F.linear(x, t.dequantize().to(x.dtype))
+        return _bnb().matmul_4bit(x, t.codes.t(), t.quant_state)
+
+
+def _install_quantized_embedding(model: GPT, table: torch.Tensor, mode: QuantMode, device: torch.device) -> None:
+    model.embed = QuantizedEmbedding(table, mode, device)
+    if model.config.tie_embeddings:  # the head is the embedding: same storage, not a second copy
+        model.lm_head = QuantizedTiedHead(model.embed)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str | QuantMode, skip: Iterable[str] = DEFAULT_SKIP,
-                   device: torch.device | str | None = None) -> list[str]:
-    """Quantize the Linear layers of an in-memory model in place (see `quantize_targets`); returns
-    their names. For a checkpoint on disk prefer `load_quantized_model`, which never holds the whole
-    full-precision model."""
+                   device: torch.device | str | None = None, quantize_embedding: bool = False) -> list[str]:
+    """Quantize the Linear layers of an in-memory model in place (see `quantize_targets`), and with
+    `quantize_embedding` its GPT token embedding (and a head tied to it); returns their names. For a
+    checkpoint on disk prefer `load_quantized_model`, which never holds the whole full-precision model."""
+    mode = parse_quantize(mode)
     device = torch.device(device) if device is not None else default_device()
     check_bitsandbytes(device)
+    if quantize_embedding:
+        check_embedding_width(model.config.n_embd)
     names = quantize_targets(model, skip)
     for name in names:
         linear = model.get_submodule(name)
@@ -216,6 +360,9 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, skip: Iterable[str] 
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=linear.bias.requires_grad)
         _set_submodule(model, name, layer)
+    if quantize_embedding:
+        _install_quantized_embedding(model, model.embed.weight, mode, device)
+        names.append("embed")
     return names
 
 
@@ -258,18 +405,23 @@ _malloc_trim = None
 def load_quantized_model(
     checkpoint_dir: Path | str, quantize: str | QuantMode, skip: Iterable[str] = DEFAULT_SKIP,
     device: torch.device | str | None = None, dtype: torch.dtype | None = None, config: Config | None = None,
+    quantize_embedding: bool = False,
 ) -> GPT:
-    """Build the GPT of a litft checkpoint with its Linear layers quantized while they load.
+    """Build the GPT of a litft checkpoint with its Linear layers (and with `quantize_embedding` its
+    token embedding, and so a head tied to it) quantized while they load.
 
     The model is created on the meta device; the checkpoint streams in one tensor at a time: a weight
-    of a layer to quantize becomes a bnb parameter on `device` right away (its 16/32-bit copy is freed
-    before the next tensor is read), anything else is placed on `device` (cast to `dtype` if given,
-    else kept in the checkpoint's dtype, as `litft.checkpoint.load_model` does)."""
+    of a layer to quantize becomes a bnb parameter (the embedding a `QuantizedEmbedding`) on `device`
+    right away (its 16/32-bit copy is freed before the next tensor is read), anything else is placed
+    on `device` (cast to `dtype` if given, else kept in the checkpoint's dtype, as
+    `litft.checkpoint.load_model` does)."""
     mode = parse_quantize(quantize)
     device = torch.device(device) if device is not None else default_device()
     check_bitsandbytes(device)
     d = check_checkpoint_dir(checkpoint_dir)
     config = config or Config.from_checkpoint(d)
+    if quantize_embedding:
+        check_embedding_width(config.n_embd)
     path = d / WEIGHTS
     shapes = _tensor_shapes(path)
     validate_state_dict(config, shapes, path)  # all names and shapes, before reading any data
@@ -288,13 +440,15 @@ def load_quantized_model(
         module = model.get_submodule(module_name)
         if module_name in targets and attr == "weight":
             module.weight = quantize_weight(tensor, mode, device, module=module)
+        elif quantize_embedding and key == "embed.weight":
+            _install_quantized_embedding(model, tensor, mode, device)
         elif isinstance(getattr(module, attr), nn.Parameter):
             setattr(module, attr, nn.Parameter(tensor.to(device), requires_grad=getattr(module, attr).requires_grad))
         else:
             setattr(module, attr, tensor.to(device))  # a buffer
         del tensor
         _release_freed_memory()
-    if config.tie_embeddings:
+    if config.tie_embeddings and not quantize_embedding:  # (a quantized embedding installed its head)
         model.lm_head.weight = model.embed.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a bug in this loader, not in the user's input
@@ -309,8 +463,11 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a quantized layer computes with, as bitsandbytes dequantizes it: 4 bit in
-    the dtype it was quantized from; 8 bit as int8 x row absmax / 127 in fp32."""
+    """The (out, in) weight a quantized layer computes with (a `QuantizedEmbedding`: its table), as
+    bitsandbytes dequantizes it: 4 bit in the dtype it was quantized from; 8 bit as int8 x row
+    absmax / 127 in fp32."""
+    if isinstance(layer, QuantizedEmbedding):
+        return layer.dequantize()
     bnb = _bnb()
     w = layer.weight
     if type(w).__name__ == "Params4bit":
@@ -324,10 +481,26 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Replace every quantized Linear (including adapters' base layers) by a plain `nn.Linear` holding
-    its dequantized weight (in `dtype`, default the dtype it was quantized from; fp32 for int8).
-    Returns the replaced names. Used to merge adapters into the weights they were trained against."""
-    names = [n for n, m in model.named_modules() if is_quantized_linear(m)]
-    for name in names:
+    its dequantized weight (in `dtype`, default the dtype it was quantized from; fp32 for int8), a
+    `QuantizedEmbedding` by a plain `nn.Embedding`, and a head tied to it by an `nn.Linear` tied to
+    that new embedding again. Returns the replaced names. Used to merge adapters into the weights
+    they were trained against."""
+    modules = list(model.named_modules())  # before any swap: the embedding is listed once, as itself
+    tables: dict[int, nn.Parameter] = {}
+    for name, q in modules:
+        if isinstance(q, QuantizedEmbedding):
+            w = q.dequantize()
+            embedding = nn.Embedding(q.num_embeddings, q.embedding_dim, device="meta")
+            embedding.weight = tables[id(q)] = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+            _set_submodule(model, name, embedding)
+    for name, q in modules:
+        if isinstance(q, QuantizedTiedHead):
+            head = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
+            head.weight = tables[id(q.table)]
+            _set_submodule(model, name, head)
+    names = [n for n, m in modules if isinstance(m, (QuantizedEmbedding, QuantizedTiedHead))]
+    linears = [n for n, m in modules if is_quantized_linear(m)]
+    for name in linears:
         q = model.get_submodule(name)
         w = dequantize_weight(q)
         linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
@@ -335,7 +508,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().clone(), requires_grad=q.bias.requires_grad)
         _set_submodule(model, name, linear)
-    return names
+    return names + linears
 
 
 # ------------------------------------------------------------------------ accounting
@@ -343,26 +516,36 @@ def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _quant_state_bytes(qs) -> int:
+    """absmax (+ nested absmax, code books, offset) of a 4-bit QuantState."""
+    n = _tensor_bytes(qs.absmax) + _tensor_bytes(qs.code)
+    if qs.nested:
+        n += _tensor_bytes(qs.state2.absmax) + _tensor_bytes(qs.state2.code) + _tensor_bytes(qs.offset)
+    return n
+
+
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes the base model's weights take: {"quantized": packed codes + all their statistics,
-    "unquantized": every other parameter and buffer (embeddings, norms, head, biases, adapters),
-    "total": both}. Shared (tied) tensors count once."""
+    "unquantized": every other parameter and buffer (embeddings unless quantized, norms, head,
+    biases, adapters), "total": both}. Shared (tied) tensors count once."""
     seen: set[int] = set()
     quantized = unquantized = 0
-    for module in model.modules():
+    for module in model.modules():  # each module once, so a tied head's storage counts once
         if is_quantized_linear(module):
             w = module.weight
             seen.add(id(w))
             quantized += _tensor_bytes(w.data)
             qs = getattr(w, "quant_state", None)
-            if qs is not None:  # absmax (+ nested absmax, codebooks, offset)
-                quantized += _tensor_bytes(qs.absmax) + _tensor_bytes(qs.code)
-                if qs.nested:
-                    quantized += (_tensor_bytes(qs.state2.absmax) + _tensor_bytes(qs.state2.code)
-                                  + _tensor_bytes(qs.offset))
+            if qs is not None:
+                quantized += _quant_state_bytes(qs)
             else:  # int8: one fp32 absmax per row
                 scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
                 quantized += _tensor_bytes(scb)
+        elif isinstance(module, QuantizedEmbedding):
+            seen.add(id(module.weight))
+            quantized += _tensor_bytes(module.weight.data) + (
+                _tensor_bytes(module.row_absmax) if module.quant_state is None
+                else _quant_state_bytes(module.quant_state))
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
