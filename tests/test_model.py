@@ -156,6 +156,32 @@ def test_chunked_cross_entropy_equals_full_and_grads():
     assert torch.allclose(g_chunked, model.lm_head.weight.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias,frozen_weight", [(False, True), (True, False)])
+def test_fused_linear_cross_entropy_grads_equal_autograd(bias, frozen_weight):
+    """LinearCrossEntropy forms d/dh, d/dW, d/db in forward: they must equal autograd's through
+    F.cross_entropy, for a frozen head (LoRA) and a trainable one with a bias (full fine-tuning)."""
+    from litft.models.gpt import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    head.weight.requires_grad_(not frozen_weight)
+    h = torch.randn(3, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :4] = -100
+    loss_sum, n = chunked_cross_entropy(head, h, labels, chunk_size=5)
+    assert loss_sum.grad_fn.next_functions[1][0].name().startswith("LinearCrossEntropy")  # the fused path ran
+    (loss_sum / n * 2.5).backward()
+    params = [t for t in (h, head.weight, head.bias) if t is not None and t.requires_grad]
+    fused = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    ref = torch.nn.functional.cross_entropy(head(h)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1)) * 2.5
+    ref.backward()
+    assert torch.allclose(loss_sum / n * 2.5, ref, atol=1e-6)
+    for a, t in zip(fused, params):
+        assert torch.allclose(a, t.grad, atol=1e-6)
+
+
 def test_named_configs_build():
     for c in configs:
         cfg = Config.from_name(c["name"])
