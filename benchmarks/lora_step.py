@@ -1,7 +1,12 @@
-"""Benchmark (not a test): one LoRA fine-tuning step of litft vs HF transformers + peft on CPU.
+"""Benchmark (not a test): one LoRA fine-tuning step of litft vs HF transformers + peft (and LitGPT) on CPU.
 
-    python benchmarks/lora_step.py [--seq 512] [--batch 2] [--steps 4] [--repeats 3] [--only litft|hf]
+    python benchmarks/lora_step.py [--seq 512] [--batch 2] [--rank 16] [--steps 4] [--repeats 3]
+                                   [--only litft|hf|litgpt] [--litgpt-python VENV/bin/python] [--sweep]
                                    [--dtype fp32|bf16] [--profile litft|hf] [--no-roofline | --roofline-only]
+
+`--litgpt-python` adds LitGPT 0.5.13 as a third contender, run through ../shared/bench/peers_step.py in its
+own virtualenv (`python -m venv peers-lit && peers-lit/bin/pip install torch==2.13.0 litgpt==0.5.13`).
+`--sweep` prints litft vs HF over sequence length 256..2048 and rank 8..128 instead.
 
 Same model shape, same weights, same tokens, same settings as /work/shared/bench/peers_step.py:
 SmolLM2-135M shape (vocab 49152, d 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, tied embeddings,
@@ -48,7 +53,7 @@ SEED, DATA_SEED = 0, 1234
 
 
 # ----------------------------------------------------------------------------- FLOP model
-def flop_model(seq: int) -> dict[str, float]:
+def flop_model(seq: int, r: int = R) -> dict[str, float]:
     """FLOP per token of one LoRA training step (forward + backward), matmuls only.
 
     A frozen Linear with N weights costs 2N forward + 2N backward (input grad only, no weight
@@ -60,7 +65,7 @@ def flop_model(seq: int) -> dict[str, float]:
     per_layer = D * NH * HD + 2 * D * NKV * HD + NH * HD * D + 3 * D * FF
     n_blocks = L * per_layer
     n_head = D * V  # tied lm_head, frozen
-    lora_per_layer = R * ((D + NH * HD) + 2 * (D + NKV * HD) + (NH * HD + D) + 2 * (D + FF) + (FF + D))
+    lora_per_layer = r * ((D + NH * HD) + 2 * (D + NKV * HD) + (NH * HD + D) + 2 * (D + FF) + (FF + D))
     n_lora = L * lora_per_layer
     attn = L * 3 * 4 * (NH * HD) * seq
     total = 4 * (n_blocks + n_head) + 6 * n_lora + attn
@@ -171,7 +176,7 @@ def child(args) -> None:
     if args.child == "litft":
         from litft.methods.lora import LoRA
 
-        m = LoRA(checkpoint_dir=Path(args.ckpt) / "litft", r=R, alpha=ALPHA, dropout=0.0, targets=TARGETS, lr=LR,
+        m = LoRA(checkpoint_dir=Path(args.ckpt) / "litft", r=args.rank, alpha=ALPHA, dropout=0.0, targets=TARGETS, lr=LR,
                  warmup_steps=0)
         m.configure_model()
         m.train()
@@ -187,7 +192,7 @@ def child(args) -> None:
 
         model = LlamaForCausalLM(hf_config())  # seed 0: the same init `prepare` wrote for litft
         model = model.to(dtype)
-        model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS))
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
         path = "transformers LlamaForCausalLM (sdpa) + peft get_peft_model"
@@ -250,9 +255,32 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def run_litgpt(args) -> dict:
+    """LitGPT 0.5.13 through ../shared/bench/peers_step.py in its own virtualenv (its pins conflict with
+    current transformers). Same shape, LoRA settings, batch and sequence; its own random init and tokens,
+    so its loss is not comparable. Reports median step time and ru_maxrss only (no fwd/bwd split)."""
+    cmd = [args.litgpt_python, str(args.peers_script), "litgpt", args.dtype, str(args.seq), str(args.batch),
+           str(args.steps)]
+    busy0, t0 = busy_jiffies(), time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"litgpt run failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    line = next(l for l in reversed(p.stdout.splitlines()) if l.startswith("litgpt "))
+    kv = dict(f.split("=", 1) for f in line.split()[2:])
+    wall = time.perf_counter() - t0
+    busy = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") / wall  # whole machine, incl. this run
+    return dict(impl="litgpt", path="litgpt.lora.GPT (0.5.13) via shared/bench/peers_step.py", step_s=float(kv["step_s"]),
+                best_s=float(kv["step_s"]), tok_s=float(kv["tok_s"]), fwd_s=None, bwd_s=None, opt_s=None,
+                peak_rss_mb=float(kv["peak_rss_mb"]), train_peak_mb=None, loss_first=float("nan"),
+                loss_last=float(kv["loss"]), own_cores=None, other_cores=max(0.0, busy - 2.0),
+                trainable=int(kv["trainable"]), total=int(kv["total"]))
+
+
 def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
+    if impl == "litgpt":
+        return run_litgpt(args)
     cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
-           str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype]
+           str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype, "--rank", str(args.rank)]
     if profile:
         cmd += ["--profile", impl, "--profile-rows", str(args.profile_rows)]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -271,7 +299,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 1 warmup step)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs")
-    ap.add_argument("--only", choices=["litft", "hf"])
+    ap.add_argument("--only", choices=["litft", "hf", "litgpt"])
+    ap.add_argument("--rank", type=int, default=R)
+    ap.add_argument("--litgpt-python", default=os.environ.get("LITGPT_PYTHON"),
+                    help="python of a virtualenv with litgpt (see ../shared/bench/peers_step.py); default $LITGPT_PYTHON; "
+                         "unset: LitGPT is not run")
+    ap.add_argument("--peers-script", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench" / "peers_step.py")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead of the main comparison: litft vs HF over seq 256..2048 (r 16) and r 8..128 (seq 512), "
+                         "one run each, alternating")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--profile", choices=["litft", "hf"], help="instead of timing: torch.profiler top ops of one run")
     ap.add_argument("--profile-rows", type=int, default=25)
@@ -342,17 +378,19 @@ def main() -> None:
                   f"optimizer {res['opt_s']:.3f} (medians, with profiler overhead); other_cores {res['other_cores']:.2f}")
             return
 
-        impls = [args.only] if args.only else ["litft", "hf"]
+        if args.sweep:
+            return sweep(args, ckpt, peak)
+        impls = [args.only] if args.only else ["litft", "hf"] + (["litgpt"] if args.litgpt_python else [])
+        if not args.only and not args.litgpt_python:
+            print("\n(LitGPT not run: pass --litgpt-python, see ../shared/bench/peers_step.py for its virtualenv)")
         results: dict[str, list[dict]] = {i: [] for i in impls}
-        print(f"\n## runs (seq {args.seq}, batch {args.batch}, {args.steps} timed steps after 1 warmup, {args.dtype})")
+        print(f"\n## runs (seq {args.seq}, batch {args.batch}, r {args.rank}, {args.steps} timed steps after 1 warmup, "
+              f"{args.dtype})")
         for rnd in range(args.repeats):
             for impl in impls:
                 r = run_child(impl, args, ckpt)
                 results[impl].append(r)
-                print(f"  round {rnd + 1} {impl:<5} step {r['step_s']:6.2f}s  {r['tok_s']:7.1f} tok/s  "
-                      f"fwd {r['fwd_s']:5.2f} bwd {r['bwd_s']:5.2f} opt {r['opt_s']:.3f}  peak_rss {r['peak_rss_mb']:6.0f}MB "
-                      f"train_peak {r['train_peak_mb'] or float('nan'):6.0f}MB  loss {r['loss_first']:.5f}->{r['loss_last']:.5f}  "
-                      f"own {r['own_cores']:.2f} other {r['other_cores']:.2f} cores  load {loadavg()}", flush=True)
+                print(f"  round {rnd + 1} {impl:<6} {describe(r)}  load {loadavg()}", flush=True)
 
     print(f"\nload average at end: {loadavg()}")
     for impl in impls:
@@ -361,27 +399,53 @@ def main() -> None:
                ("tok_s", "step_s", "fwd_s", "bwd_s", "opt_s", "peak_rss_mb", "train_peak_mb", "other_cores")
                if all(r[k] is not None for r in rs)} for i, rs in results.items()}
     print(f"\n## medians over {args.repeats} runs (each run: median of {args.steps} steps)\n")
-    print("| | tokens/s | best tokens/s | step s | fwd s | bwd s | opt s | peak RSS MB | train peak MB | achieved GFLOP/s | % of fp32 peak | trainable / total | loss step 1 | other cores |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| | tokens/s | best tokens/s | step s | fwd s | bwd s | opt s | peak RSS MB | train peak MB | achieved GFLOP/s | % of fp32 peak | trainable / total | other cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    f = lambda m, k, fmt: format(m[k], fmt) if k in m else "-"  # noqa: E731
     for impl in impls:
         m, r0 = med[impl], results[impl][0]
         gf = m["tok_s"] * fm["total"] / 1e9
         pct = f"{100 * gf / peak:.0f}%" if peak else "-"
         best = args.batch * args.seq / min(r["best_s"] for r in results[impl])
-        print(f"| {impl} | {m['tok_s']:.1f} | {best:.1f} | {m['step_s']:.2f} | {m['fwd_s']:.2f} | {m['bwd_s']:.2f} | {m['opt_s']:.3f} | "
-              f"{m['peak_rss_mb']:.0f} | {m.get('train_peak_mb', float('nan')):.0f} | {gf:.1f} | {pct} | "
-              f"{r0['trainable']:,} / {r0['total']:,} | {r0['loss_first']:.5f} | {m['other_cores']:.2f} |")
-    if len(impls) == 2:
-        a, b = med["litft"], med["hf"]
-        ratios = [ra["tok_s"] / rb["tok_s"] for ra, rb in zip(results["litft"], results["hf"])]
-        best = {i: min(r["best_s"] for r in results[i]) for i in impls}
-        print(f"\nlitft / HF tokens/s: {a['tok_s'] / b['tok_s']:.2f} (medians)  (per round: "
-              f"{', '.join(f'{x:.2f}' for x in ratios)});  best step of all runs: {best['hf'] / best['litft']:.2f}")
-        print(f"litft / HF peak RSS: {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}", end="")
-        if "train_peak_mb" in a and "train_peak_mb" in b:
-            print(f";  training-only peak: {a['train_peak_mb'] / b['train_peak_mb']:.2f}", end="")
-        print(f"\nloss at step 1 (same weights, same tokens; ln V = {math.log(V):.3f}): "
-              f"litft {results['litft'][0]['loss_first']:.6f}, HF {results['hf'][0]['loss_first']:.6f}")
+        print(f"| {impl} | {m['tok_s']:.1f} | {best:.1f} | {m['step_s']:.2f} | {f(m, 'fwd_s', '.2f')} | {f(m, 'bwd_s', '.2f')} | "
+              f"{f(m, 'opt_s', '.3f')} | {m['peak_rss_mb']:.0f} | {f(m, 'train_peak_mb', '.0f')} | {gf:.1f} | {pct} | "
+              f"{r0['trainable']:,} / {r0['total']:,} | {m['other_cores']:.2f} |")
+    if "litft" in impls:
+        for peer in [i for i in impls if i != "litft"]:
+            a, b = med["litft"], med[peer]
+            ratios = [ra["tok_s"] / rb["tok_s"] for ra, rb in zip(results["litft"], results[peer])]
+            print(f"\nlitft / {peer} tokens/s: {a['tok_s'] / b['tok_s']:.2f} (medians; per round: "
+                  f"{', '.join(f'{x:.2f}' for x in ratios)});  peak RSS: {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}", end="")
+            if "train_peak_mb" in a and "train_peak_mb" in b:
+                print(f";  training-only peak: {a['train_peak_mb'] / b['train_peak_mb']:.2f}", end="")
+        print()
+        if "hf" in impls:
+            print(f"loss at step 1 (same weights, same tokens; ln V = {math.log(V):.3f}): "
+                  f"litft {results['litft'][0]['loss_first']:.6f}, HF {results['hf'][0]['loss_first']:.6f}")
+
+
+def describe(r: dict) -> str:
+    split = (f"fwd {r['fwd_s']:5.2f} bwd {r['bwd_s']:5.2f} opt {r['opt_s']:.3f}  " if r["fwd_s"] is not None else "")
+    cores = (f"own {r['own_cores']:.2f} other {r['other_cores']:.2f} cores" if r["own_cores"] is not None
+             else f"other ~{r['other_cores']:.2f} cores")
+    train = f"train_peak {r['train_peak_mb']:6.0f}MB  " if r["train_peak_mb"] is not None else ""
+    return (f"step {r['step_s']:6.2f}s  {r['tok_s']:7.1f} tok/s  {split}peak_rss {r['peak_rss_mb']:6.0f}MB {train}"
+            f"loss {r['loss_first']:.5f}->{r['loss_last']:.5f}  {cores}")
+
+
+def sweep(args, ckpt: Path, peak: float | None) -> None:
+    """litft vs HF over sequence length (r 16) and rank (seq 512): one run each, alternating."""
+    points = [(seq, R) for seq in (256, 512, 1024, 2048)] + [(512, r) for r in (8, 32, 64, 128)]
+    print(f"\n## sweep (batch {args.batch}, {args.steps} timed steps after 1 warmup, {args.dtype}; one run per cell)\n")
+    print("| seq | r | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | litft % of fp32 peak | other cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seq, rank in points:
+        args.seq, args.rank = seq, rank
+        a, b = run_child("litft", args, ckpt), run_child("hf", args, ckpt)
+        pct = f"{100 * a['tok_s'] * flop_model(seq, rank)['total'] / 1e9 / peak:.0f}%" if peak else "-"
+        print(f"| {seq} | {rank} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f} | "
+              f"{a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} | {pct} | "
+              f"{max(a['other_cores'], b['other_cores']):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,32 @@ def test_forward_matches_hand_computation():
     torch.testing.assert_close(lora(x), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("bias,train_base", [(False, False), (True, True)])
+def test_fused_forward_backward_equals_unfused(bias, train_base):
+    """LoRALinearFunction (the default path for a plain Linear base without dropout) computes the same
+    output and gradients as base(x) + lora_forward(x) through autograd."""
+    from litft.adapters.lora import LoRALinearFunction
+
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=bias).requires_grad_(train_base)
+    layer = LoRALinear(base, r=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 5, 40)
+    params = [t for t in (x, base.weight, base.bias, layer.lora_A, layer.lora_B) if t is not None and t.requires_grad]
+    out = layer(x)
+    assert out.grad_fn.name() == LoRALinearFunction.__name__ + "Backward"  # the fused path ran
+    out.backward(g)
+    fused = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    ref = base(x) + layer.lora_forward(x)
+    ref.backward(g)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for a, t in zip(fused, params):
+        torch.testing.assert_close(a, t.grad, atol=1e-6, rtol=1e-6)
+
+
 def test_fresh_adapter_is_identity():
     torch.manual_seed(0)
     base = nn.Linear(16, 12)

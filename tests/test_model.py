@@ -207,3 +207,52 @@ def test_sampling_filters_match_transformers_warpers(top_k, top_p):
     ours = filter_logits(logits, top_k, top_p)
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     assert torch.equal(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
+
+
+def _grads(fn, inputs, grad_out):
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    out.backward(grad_out)
+    return out.detach(), [t.grad.clone() for t in inputs]
+
+
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.25])
+def test_hand_written_backwards_equal_autograd(rotary_fraction):
+    """Rope, SwiGLU and RMSNormFunction save less for backward than autograd would; their outputs and
+    gradients must equal autograd's through the plain formulas."""
+    from litft.models.gpt import RMSNormFunction, Rope, SwiGLU
+
+    torch.manual_seed(0)
+    D = 16
+    rd = int(D * rotary_fraction)
+    x = torch.randn(2, 3, 5, D, requires_grad=True)
+    freqs = torch.randn(1, 1, 5, rd // 2)
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+
+    def rope_ref(x):
+        x_rot, x_pass = x[..., :rd], x[..., rd:]
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+
+    g = torch.randn_like(x)
+    for a, b in zip(_grads(lambda x: Rope.apply(x, cos, sin), [x], g), _grads(rope_ref, [x], g)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+    gate, up = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    g = torch.randn(4, 6)
+    swiglu = _grads(SwiGLU.apply, [gate, up], g)
+    for a, b in zip(swiglu, _grads(lambda gt, u: torch.nn.functional.silu(gt) * u, [gate, up], g)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+    for unit_offset in (False, True):
+        h, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+        g = torch.randn(2, 5, 8)
+
+        def norm_ref(h, w):
+            n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+            return n * (1.0 + w) if unit_offset else w * n
+
+        fused = _grads(lambda h, w: RMSNormFunction.apply(h, w, 1e-5, unit_offset), [h, w], g)
+        for a, b in zip(fused, _grads(norm_ref, [h, w], g)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -254,22 +254,25 @@ def test_cli_export_import_merge_generate_and_train_further(tmp_path):
         assert run(["generate", str(ckpt), "--adapter_dir", str(tmp_path / "q"), *gen]) == run(
             ["generate", str(tmp_path / "q" / "merged"), *gen])
 
-    # further training starts from the imported weights
-    from litft.data import JSON
-    from litft.train import EvalArgs, TrainArgs, finetune
+    # further training starts from the imported weights: `litft finetune lora --init_adapter`
     from tests.helpers import make_task
 
-    method = load_method(imported)
-    start = {k: v.clone() for k, v in method.trainable_state_dict().items()}
-    with torch.no_grad():
-        assert (method.model(x) - peft_logits).abs().max() <= 1e-5
-    data = JSON(json_path=make_task(tmp_path / "task.json", n=16), prompt_style="plain")
-    finetune(method, data, tmp_path / "more", TrainArgs(global_batch_size=8, micro_batch_size=8, max_steps=2),
-             EvalArgs(interval=0, final_validation=False, max_new_tokens=1), logger_name="none")
+    start = load_file(str(imported / "adapter.safetensors"))
+    task = make_task(tmp_path / "task.json", n=16)
+    more = ["finetune", "lora", "--checkpoint_dir", str(ckpt), "--init_adapter", str(imported), "--targets",
+            "[all-linear]", "--alpha", "8", "--dropout", "0", "--data", "JSON", "--data.json_path", str(task),
+            "--data.prompt_style", "plain", "--train.global_batch_size", "8", "--train.micro_batch_size", "8",
+            "--train.max_steps", "2", "--eval.interval", "0", "--eval.final_validation", "false",
+            "--logger_name", "none", "--out_dir"]
+    with pytest.raises(LitftError, match="does not fit this run .*r: 4 there, 8 here"):
+        run([*more, str(tmp_path / "wrong"), "--r", "8"])
+    run([*more, str(tmp_path / "more"), "--r", "4"])
     trained = load_file(str(tmp_path / "more" / "final" / "adapter.safetensors"))
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     assert max((trained[k] - start[k]).abs().max() for k in start) < 0.1  # moved from the import, not re-initialised
+    with torch.no_grad():  # and the finished run rebuilds without its init_adapter (load_method drops it)
+        assert load_method(tmp_path / "more" / "final").model(x).shape == peft_logits.shape
 
 
 # ------------------------------------------------------------------ bad input

@@ -169,6 +169,7 @@ def load_method(run_dir: Path | str, checkpoint_dir: Path | str | None = None) -
     module_name, _, cls_name = cfg["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     init_args = dict(cfg["init_args"])
+    init_args.pop("init_adapter", None)  # the run's own trained weights replace it below
     if checkpoint_dir is not None:
         init_args["checkpoint_dir"] = str(checkpoint_dir)
     method: Finetune = cls(**init_args)

@@ -30,6 +30,7 @@ class LoRA(Finetune):
         quantize: str | None = None,
         quantize_skip: list[str] = ["lm_head"],
         quantize_embedding: bool = False,
+        init_adapter: Path | None = None,
         **kwargs,
     ) -> None:
         """LoRA hyperparameters (the base module's options apply too).
@@ -49,6 +50,9 @@ class LoRA(Finetune):
             quantize_embedding: with quantize, also quantize the token embedding (and a head tied to it, which is the
                 embedding) in the same mode: worth it where the vocabulary is large next to the rest (SmolLM2-135M:
                 nf4-dq base 0.415x -> 0.259x of bf16). Needs n_embd divisible by 64.
+            init_adapter: start from trained adapter weights instead of B = 0: the `final/` (or `step-N/`)
+                directory of an earlier run, or what `litft import_peft` wrote. Its r, alpha, use_rslora and
+                targets must equal this run's.
         """
         super().__init__(**kwargs)
         self.targets = resolve_targets(targets)  # validates names early, before any model loads
@@ -61,6 +65,23 @@ class LoRA(Finetune):
             raise LitftError("quantize_embedding applies to a quantized base only: also pass a quantize mode (e.g. "
                              "--quantize bnb.nf4-dq), or use `litft finetune qlora`")
         self.quantize, self.quantize_skip, self.quantize_embedding = quantize, list(quantize_skip), quantize_embedding
+        self.init_adapter = self._check_init_adapter(Path(init_adapter)) if init_adapter is not None else None
+
+    def _check_init_adapter(self, run_dir: Path) -> Path:
+        """Fail before any model loads if the adapter to start from cannot fit this run's adapters."""
+        cfg_path, weights = run_dir / METHOD_CONFIG, run_dir / self.weights_file
+        if not cfg_path.is_file() or not weights.is_file():
+            raise LitftError(f"init_adapter {run_dir}: expected {METHOD_CONFIG} and {self.weights_file} there (the final/ "
+                             "directory of a LoRA-family run, or the output of `litft import_peft`)")
+        theirs = (yaml.safe_load(cfg_path.read_text()) or {}).get("init_args", {})
+        mine = {"r": self.r, "alpha": float(self.alpha), "use_rslora": self.use_rslora, "targets": sorted(self.targets)}
+        theirs = {"r": theirs.get("r"), "alpha": float(theirs.get("alpha", 0)), "use_rslora": theirs.get("use_rslora", False),
+                  "targets": sorted(resolve_targets(theirs.get("targets") or "all-linear"))}
+        differ = [f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if theirs[k] != mine[k]]
+        if differ:
+            raise LitftError(f"init_adapter {run_dir} does not fit this run ({'; '.join(differ)}): pass the same values "
+                             f"(see its {METHOD_CONFIG})")
+        return run_dir
 
     def make_adapter(self, name: str, linear: nn.Module) -> nn.Module:
         return LoRALinear(linear, self.r, self.alpha, self.dropout, self.use_rslora)
@@ -79,6 +100,13 @@ class LoRA(Finetune):
         self.model.requires_grad_(False)
         inject_adapters(self.model, self.targets, self.make_adapter)
         mark_only_adapters_trainable(self.model, self.bias)
+        if self.init_adapter is not None:
+            from litft.checkpoint import iter_safetensors
+
+            try:
+                load_adapter_state_dict(self.model, dict(iter_safetensors(self.init_adapter / self.weights_file)))
+            except ValueError as e:  # another method's adapter (DoRA magnitudes), another base model
+                raise LitftError(f"init_adapter {self.init_adapter}: {e}") from e
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return adapter_state_dict(self.model, self.bias)
