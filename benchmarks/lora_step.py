@@ -177,7 +177,7 @@ def child(args) -> None:
         from litft.methods.lora import LoRA
 
         m = LoRA(checkpoint_dir=Path(args.ckpt) / "litft", r=args.rank, alpha=ALPHA, dropout=0.0, targets=TARGETS, lr=LR,
-                 warmup_steps=0)
+                 warmup_steps=0, gradient_checkpointing=args.gradient_checkpointing)
         m.configure_model()
         m.train()
         opt, _ = m.configure_optimizers()
@@ -281,6 +281,8 @@ def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
         return run_litgpt(args)
     cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
            str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype, "--rank", str(args.rank)]
+    if args.gradient_checkpointing and impl == "litft":
+        cmd.append("--gradient-checkpointing")
     if profile:
         cmd += ["--profile", impl, "--profile-rows", str(args.profile_rows)]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -301,6 +303,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs")
     ap.add_argument("--only", choices=["litft", "hf", "litgpt"])
     ap.add_argument("--rank", type=int, default=R)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="litft recomputes each block in backward (activation checkpointing)")
     ap.add_argument("--litgpt-python", default=os.environ.get("LITGPT_PYTHON"),
                     help="python of a virtualenv with litgpt (see ../shared/bench/peers_step.py); default $LITGPT_PYTHON; "
                          "unset: LitGPT is not run")
@@ -344,8 +348,7 @@ def main() -> None:
     print(f"  attention     = n_layer * 3 * 4 * d_attn * T = {L} * 12 * {NH*HD} * {args.seq} = {fm['attn']/1e6:.1f} MFLOP "
           f"(full square; causal kernels may skip {fm['attn_causal_saving']/1e6:.1f})")
     print(f"  total         = {fm['total']/1e6:.1f} MFLOP/token  (reference: ~673)")
-    print(f"  (litft's chunked CE recomputes the head in backward: +2 * N_head = +{fm['ce_recompute']/1e6:.1f} MFLOP/token "
-          "not counted above)")
+    print(f"  (litft forms the head's input gradient inside the loss's forward: no logits kept or recomputed)")
 
     peak = None
     if not args.no_roofline:

@@ -82,6 +82,15 @@ def default_precision() -> str:
     return "32-true"  # CPUs without bf16 units emulate it, many times slower: fp32 is the fast choice
 
 
+def cpu_bf16_units() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: assume not
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def finetune(
     method: Finetune,
     data: DataModule,
@@ -118,7 +127,13 @@ def finetune(
     if precision is None:
         precision = default_precision()
         if not torch.cuda.is_available():
-            print("No GPU: training in fp32 (32-true); bf16 would be emulated on this CPU and run far slower.")
+            print("No GPU: training in fp32 (32-true). " + (
+                "This CPU has bf16 units (avx512_bf16/amx): --precision bf16-true runs its matmuls about 2x faster, "
+                "at bf16's precision." if cpu_bf16_units() else
+                "This CPU has no bf16 units: bf16 would be emulated and run far slower."))
+    elif precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_bf16_units():
+        print(f"Warning: --precision {precision} on a CPU without bf16 units (avx512_bf16/amx_bf16): bf16 is emulated "
+              "here and runs many times slower than --precision 32-true.")
     check_train_args(train, devices)
     out_dir = Path(out_dir)
     loggers = []

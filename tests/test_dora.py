@@ -77,20 +77,27 @@ def test_fresh_layer_is_identity():
     torch.testing.assert_close(layer.lora_magnitude.detach(), base.weight.norm(dim=1))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_grads_match_reference(bias):
-    """Values and the gradients of A, B, m against the formula written out (norm detached, bias unscaled)."""
+def test_forward_and_grads_match_reference(bias, fused):
+    """Values and the gradients of x, A, B, m against the formula written out (norm detached, bias
+    unscaled), on both paths: DoRALinearFunction (plain Linear, no dropout) and the generic one (_Rescale,
+    taken with dropout or a quantized base; forced here by a no-op dropout)."""
     layer = make_layer(bias=bias)
+    if not fused:
+        layer.lora_dropout = nn.Dropout(0.0)
     A, B, m = (p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
     W, b = layer.base_layer.weight.detach(), layer.base_layer.bias
-    x = torch.randn(4, 6, 96)
+    x = torch.randn(4, 6, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
     g = torch.randn(4, 6, 80)
     ours = layer(x)
-    want = reference_forward(x, W, None if b is None else b.detach(), A, B, m, layer.scaling)
+    assert ours.grad_fn.name().startswith("DoRALinearFunction") == fused
+    want = reference_forward(x_ref, W, None if b is None else b.detach(), A, B, m, layer.scaling)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     (ours * g).sum().backward()
     (want * g).sum().backward()
-    for p, ref in ((layer.lora_A, A), (layer.lora_B, B), (layer.lora_magnitude, m)):
+    for p, ref in ((layer.lora_A, A), (layer.lora_B, B), (layer.lora_magnitude, m), (x, x_ref)):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-5)
     if bias:  # the bias is added after the rescaling: it must not be multiplied by m / n
         with torch.no_grad():

@@ -102,12 +102,16 @@ class DoRALinear(LoRALinear):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
         if self.merged:  # m / n already folded into the base weight (bias untouched)
-            return result
+            return self.base_layer(x)
+        scale = self.lora_magnitude / self._cached_norm(x.dtype).clamp_min(_NORM_EPS)  # grad reaches m only
+        if self._can_fuse(x):
+            base = self.base_layer
+            return DoRALinearFunction.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
+                                            scale.to(x.dtype))
+        result = self.base_layer(x)
         bias = getattr(self.base_layer, "bias", None)
         wx = result if bias is None else result - bias
-        scale = self.lora_magnitude / self._cached_norm(x.dtype).clamp_min(_NORM_EPS)  # grad reaches m only
         out = _Rescale.apply(wx + self.lora_forward(x).to(result.dtype), scale.to(result.dtype))
         return out if bias is None else out + bias
 
@@ -161,3 +165,48 @@ class _Rescale(torch.autograd.Function):
             summed = (grad * out).reshape(-1, out.shape[-1]).sum(0)
             grad_scale = torch.where(scale != 0, summed / scale, 0.0)
         return grad * scale, grad_scale
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """``scale * (x W^T + s (x A^T) B^T) + b`` in one buffer, with hand-written backward.
+
+    The plain-Linear fast path of `DoRALinear.forward`: like `LoRALinearFunction` it keeps x and the thin
+    ``x A^T``, and like `_Rescale` it keeps the output instead of the pre-scale tensor for m's gradient
+    (pre = (out - b) / scale), so a DoRA layer saves what a LoRA layer saves plus its output, which the
+    next op mostly keeps anyway. No base-output, LoRA-output or pre-scale temporaries are made.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, scale: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ lora_A.t()
+        out = x2 @ weight.t()
+        out.addmm_(xa, lora_B.t(), alpha=scaling).mul_(scale)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, xa, scale, out)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x2, weight, bias, lora_A, lora_B, xa, scale, out = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x, need_w, need_b, need_a, need_bb, _, need_scale = ctx.needs_input_grad
+        grad_scale = None
+        if need_scale:  # sum_t g_t * pre_t, with pre = (out - b) / scale; a row with scale 0 gets no gradient
+            summed = (g * out).sum(0)
+            if bias is not None:
+                summed -= g.sum(0) * bias
+            grad_scale = torch.where(scale != 0, summed / scale, 0.0)
+        g_pre = g * scale
+        g_xa = (g_pre @ lora_B).mul_(s)
+        grad_x = (g_pre @ weight).addmm_(g_xa, lora_A).view(ctx.x_shape) if need_x else None
+        grad_w = g_pre.t() @ x2 if need_w else None
+        grad_bias = g.sum(0) if need_b and bias is not None else None
+        grad_a = g_xa.t() @ x2 if need_a else None
+        grad_b = (g_pre.t() @ xa).mul_(s) if need_bb else None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_scale
+
