@@ -42,12 +42,7 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.7229568362236023, 1.0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -157,15 +152,20 @@ def test_weight_bytes_ratio(ckpt):
 
 
 # ------------------------------------------------------------------ the method: logits, gradients
+def randomize_b(model: torch.nn.Module) -> None:
+    """B = 0 at init would hide a broken adapter path."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.1)
+
+
 def qlora_and_dequantized_lora(ckpt: Path, mode: str) -> tuple[QLoRA, LoRA]:
     kw = dict(checkpoint_dir=ckpt, r=4, alpha=8, dropout=0.0, targets=["all-linear", "lm_head"], bias="all")
     torch.manual_seed(0)
     q = QLoRA(quantize=mode, **kw)
     q.configure_model()
-    with torch.no_grad():  # B = 0 at init would hide a broken adapter path
-        for m in q.model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.normal_(0, 0.1)
+    randomize_b(q.model)
     ref = LoRA(**kw)
     ref.configure_model()
     q_mods = dict(q.model.named_modules())
@@ -327,10 +327,7 @@ def quantized_embedding_and_reference(ckpt: Path, mode: str) -> tuple[LoRA, LoRA
     torch.manual_seed(0)
     q = LoRA(quantize_embedding=True, **kw)
     q.configure_model()
-    with torch.no_grad():  # B = 0 at init would hide a broken adapter path
-        for m in q.model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.normal_(0, 0.1)
+    randomize_b(q.model)
     ref = LoRA(**kw)
     ref.configure_model()
     ref.model.embed.weight = torch.nn.Parameter(q.model.embed.dequantize(), requires_grad=False)

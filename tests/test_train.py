@@ -1,6 +1,8 @@
 """The training stack: LoRA vs peft on litft's own model, training, resume, DDP, merge, bad input."""
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -92,6 +94,17 @@ def test_lora_trains_only_adapters_and_loss_falls(ckpt, task, tmp_path):
     assert (final / "adapter.safetensors").stat().st_size < 200_000  # adapter only, not the base model
     assert (final / "run_config.yaml").is_file() and (tmp_path / "out" / "config.yaml").is_file()
     assert list((tmp_path / "out" / "logs" / "tensorboard").glob("version_*/events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("method,precision", [("lora", "bf16-true"), ("lora", "bf16-mixed"), ("dora", "bf16-mixed"),
+                                              ("full", "bf16-mixed")])
+def test_low_precision_runs_train(method, precision, ckpt, task, tmp_path):
+    """The hand-written autograd functions (LoRA/DoRA layers, RoPE, SwiGLU, RMSNorm, the fused loss) work
+    in bf16 and under autocast: the run finishes and its validation loss falls."""
+    args = common_args(ckpt, task, tmp_path / "out", steps=8)
+    args[1] = method
+    metrics = run([*args, "--precision", precision, "--eval.initial_validation", "true"])
+    assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < metrics["val_loss_before"]
 
 
 def test_resume_reproduces_uninterrupted_run(ckpt, task, tmp_path):
