@@ -341,7 +341,7 @@ class KVCache(nn.Module):
 
 
 def chunked_cross_entropy(
-    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 2048, ignore_index: int = -100
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512, ignore_index: int = -100
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token losses and the number of target tokens, never holding full fp32 logits.
 
