@@ -1,6 +1,10 @@
 """Fixtures shared by several test files."""
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.helpers import make_checkpoint, make_task
 
 
 @pytest.fixture
@@ -10,3 +14,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny random litft checkpoint with a trained-on-the-fly BPE tokenizer (tests/helpers.py)."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    """A small Alpaca-format task file the tiny model can learn (a file may override it, as test_qlora does)."""
+    return make_task(tmp_path_factory.mktemp("data") / "task.json", n=96)

@@ -1,6 +1,7 @@
 """The command line: every config in config_hub parses, --help documents every option, typos are named."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -33,19 +34,26 @@ def test_config_parses(path, capsys):
     assert printed["train"]["max_steps"] == 3
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+# the options each command adds to the base module's: a method's own flags must show in its --help
+METHOD_OPTIONS = {"lora": ("--quantize",), "qlora": ("--quantize",), "full": (),
+                  "dora": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha"),
+                  "lora_plus": ("--loraplus_lr_ratio", "--quantize"),
+                  "neft": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha")}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
 def test_help_documents_every_option(method, capsys):
+    assert set(METHOD_OPTIONS) == set(commands()["finetune"]) - {"_help"}  # every command is covered
     with pytest.raises(SystemExit):
         run(["finetune", method, "--help"])
     out = capsys.readouterr().out
-    import inspect
-
     fn = commands()["finetune"][method]
     for name in inspect.signature(fn).parameters:
         assert f"--{name}" in out
-    doc = fn.__doc__
-    for line in doc.split("Args:")[1].strip().splitlines():
+    for line in fn.__doc__.split("Args:")[1].strip().splitlines():
         assert line.split(":", 1)[1].strip(), f"undocumented option: {line}"
+    for option in METHOD_OPTIONS[method]:
+        assert option in out
 
 
 def test_config_typo_did_you_mean(tmp_path):

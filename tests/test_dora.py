@@ -16,7 +16,6 @@ from litft.checkpoint import load_model
 from litft.cli import run
 from litft.methods.base import load_method
 from litft.utils import LitftError
-from tests.helpers import make_checkpoint, make_task
 
 
 def reference_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -193,16 +192,6 @@ def test_matches_peft_dora_on_litft_model(tmp_path):
     for mine, theirs_ in pairs:
         for a, b in zip(mine, theirs_):  # fp32 sums in another order: within 1e-5 of the gradient's scale
             assert (a.grad - b.grad).abs().max() <= 1e-5 * b.grad.abs().max()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> Path:
-    return make_task(tmp_path_factory.mktemp("data") / "task.json", n=96)
 
 
 def finetune_args(method: str, ckpt: Path, task: Path, out: Path, steps: int = 6) -> list[str]:

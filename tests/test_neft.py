@@ -13,14 +13,9 @@ from litft.generate import generate
 from litft.methods.base import load_method
 from litft.methods.neft import NEFT, neftune_noise, sample_lengths
 from litft.utils import LitftError
-from tests.helpers import make_checkpoint, make_task
+from tests.helpers import make_task
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def padded_batch() -> dict[str, torch.Tensor]:

@@ -46,11 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
 def ckpt_bias(tmp_path_factory) -> Path:  # biases on quantized layers (q, k, v) stay full precision
     return make_checkpoint(tmp_path_factory.mktemp("ckpt_bias"), qkv_bias=True)
 

@@ -20,23 +20,12 @@ from litft.methods.base import load_method
 from litft.methods.lora import LoRA
 from litft.models.hf import litft_to_hf_module
 from litft.train import EvalArgs, TrainArgs, finetune
-from tests.helpers import make_checkpoint, make_task
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> Path:
-    return make_task(tmp_path_factory.mktemp("data") / "task.json", n=96)
-
-
-def common_args(ckpt: Path, task: Path, out: Path, steps: int = 6) -> list[str]:
-    return ["finetune", "lora", "--checkpoint_dir", str(ckpt), "--data", "JSON", "--data.json_path", str(task),
+def common_args(ckpt: Path, task: Path, out: Path, steps: int = 6, method: str = "lora") -> list[str]:
+    return ["finetune", method, "--checkpoint_dir", str(ckpt), "--data", "JSON", "--data.json_path", str(task),
             "--data.prompt_style", "plain", "--out_dir", str(out), "--train.max_steps", str(steps),
             "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--lr", "3e-3",
             "--eval.interval", "0", "--eval.max_new_tokens", "4", "--logger_name", "none"]
@@ -101,8 +90,7 @@ def test_lora_trains_only_adapters_and_loss_falls(ckpt, task, tmp_path):
 def test_low_precision_runs_train(method, precision, ckpt, task, tmp_path):
     """The hand-written autograd functions (LoRA/DoRA layers, RoPE, SwiGLU, RMSNorm, the fused loss) work
     in bf16 and under autocast: the run finishes and its validation loss falls."""
-    args = common_args(ckpt, task, tmp_path / "out", steps=8)
-    args[1] = method
+    args = common_args(ckpt, task, tmp_path / "out", steps=8, method=method)
     metrics = run([*args, "--precision", precision, "--eval.initial_validation", "true"])
     assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < metrics["val_loss_before"]
 
