@@ -76,6 +76,7 @@ def flop_model(seq: int, r: int = R) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- machine info
 def machine_info() -> dict[str, str]:
+    from litft.train import cpu_bf16_units  # the check litft uses for its precision note
     info = {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -88,7 +89,7 @@ def machine_info() -> dict[str, str]:
     wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni"]
     return dict(model=info.get("Model name", "?"), cpus=info.get("CPU(s)", "?"),
                 flags=" ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted),
-                bf16_hw="avx512_bf16" in flags or "amx_bf16" in flags, amx="amx_bf16" in flags)
+                bf16_hw=cpu_bf16_units(), amx="amx_bf16" in flags)
 
 
 def loadavg() -> str:

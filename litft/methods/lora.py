@@ -73,10 +73,10 @@ class LoRA(Finetune):
         if not cfg_path.is_file() or not weights.is_file():
             raise LitftError(f"init_adapter {run_dir}: expected {METHOD_CONFIG} and {self.weights_file} there (the final/ "
                              "directory of a LoRA-family run, or the output of `litft import_peft`)")
-        theirs = (yaml.safe_load(cfg_path.read_text()) or {}).get("init_args", {})
+        args = (yaml.safe_load(cfg_path.read_text()) or {}).get("init_args", {})
         mine = {"r": self.r, "alpha": float(self.alpha), "use_rslora": self.use_rslora, "targets": sorted(self.targets)}
-        theirs = {"r": theirs.get("r"), "alpha": float(theirs.get("alpha", 0)), "use_rslora": theirs.get("use_rslora", False),
-                  "targets": sorted(resolve_targets(theirs.get("targets") or "all-linear"))}
+        theirs = {"r": args.get("r"), "alpha": float(args.get("alpha", 0)), "use_rslora": args.get("use_rslora", False),
+                  "targets": sorted(resolve_targets(args.get("targets") or "all-linear"))}
         differ = [f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if theirs[k] != mine[k]]
         if differ:
             raise LitftError(f"init_adapter {run_dir} does not fit this run ({'; '.join(differ)}): pass the same values "
