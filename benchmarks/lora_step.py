@@ -108,35 +108,70 @@ def own_jiffies() -> int:
 
 
 # ----------------------------------------------------------------------------- roofline
-def roofline(dtypes=("fp32", "bf16"), reps: int = 10) -> list[dict]:
+def step_matmuls(seq: int, batch: int, r: int = R) -> list[tuple[str, int, int, int, float]]:
+    """The step's matmuls as (name, M, K, N, how many), (M x K) @ (K x N), M = batch * seq tokens.
+
+    Frozen Linears: forward (M, in, out) and input gradient (M, out, in); the tied head in 512-token
+    chunks; LoRA's six thin products per layer and target at the speed of the x A^T shape; attention
+    (scores and values, forward and backward, full square as in `flop_model`) as batched matmuls.
+    Their FLOPs add up to `flop_model(seq, r)['total'] * batch * seq`.
+    """
+    T = batch * seq
+    head_chunks = batch * (seq - 1) / 512
+    lora_flop = 6 * flop_model(seq, r)["n_lora"] * T
+    attn_flop = flop_model(seq, r)["attn"] * T
+    return [
+        ("q/o fwd + dgrad", T, D, NH * HD, 4 * L),
+        ("k/v fwd", T, D, NKV * HD, 2 * L),
+        ("k/v dgrad", T, NKV * HD, D, 2 * L),
+        ("gate/up fwd, down dgrad", T, D, FF, 3 * L),
+        ("down fwd, gate/up dgrad", T, FF, D, 3 * L),
+        ("head fwd (512-token chunks)", 512, D, V, head_chunks),
+        ("head dgrad", 512, V, D, head_chunks),
+        ("LoRA x A^T (all LoRA FLOPs)", T, D, r, lora_flop / (2 * T * D * r)),
+        ("attention (bmm, per head)", seq, HD, seq, attn_flop / (2 * seq * HD * seq)),
+    ]
+
+
+def roofline(seq: int, batch: int, r: int = R, reps: int = 10) -> tuple[list[dict], dict]:
+    """Best-of-`reps` GFLOP/s of every matmul shape of the step, with torch.matmul (MKL for fp32 on CPU)
+    and with oneDNN (what litft's fp32 CPU path uses, `litft.matmul`), plus bf16 torch.matmul; and the
+    step roofline: the step's matmul FLOPs over the time they take at each shape's best measured speed."""
     import torch
 
-    shapes = [  # (M, K, N): (M x K) @ (K x N), M = batch * seq tokens
-        ("q/o   fwd", 1024, 576, 576),
-        ("k/v   fwd", 1024, 576, 192),
-        ("gate/up fwd", 1024, 576, 1536),
-        ("down  fwd", 1024, 1536, 576),
-        ("down  dgrad", 1024, 576, 1536),
-        ("head  fwd (chunk 1023)", 1023, 576, 49152),
-        ("head  dgrad", 1023, 49152, 576),
-        ("lora A fwd", 1024, 576, 16),
-    ]
+    from litft import matmul as lm
+
+    def onednn_mm(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+    kernels = {"fp32 torch.matmul": (torch.float32, torch.matmul), "bf16 torch.matmul": (torch.bfloat16, torch.matmul)}
+    if lm._onednn_works():
+        kernels["fp32 oneDNN"] = (torch.float32, onednn_mm)
     rows = []
-    for dt in dtypes:
-        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
-        for name, m, k, n in shapes:
-            if dt == "bf16" and "lora" in name:
-                continue
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for name, m, k, n, count in step_matmuls(seq, batch, r):
+        row = dict(name=name, shape=f"({m}x{k})@({k}x{n})", flop=2 * m * k * n * count)
+        for kname, (dtype, fn) in kernels.items():
+            if name.startswith("attention"):  # (B * heads) independent (seq x hd) @ (hd x seq) products
+                a, b = torch.randn(batch * NH, m, k, dtype=dtype), torch.randn(batch * NH, k, n, dtype=dtype)
+                fn, per_call = torch.matmul, 2 * m * k * n * batch * NH
+            else:
+                a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+                per_call = 2 * m * k * n
             for _ in range(2):
-                torch.matmul(a, b)
+                fn(a, b)
             best = float("inf")
             for _ in range(reps):
                 t = time.perf_counter()
-                torch.matmul(a, b)
+                fn(a, b)
                 best = min(best, time.perf_counter() - t)
-            rows.append(dict(dtype=dt, name=name, shape=f"({m}x{k})@({k}x{n})", gflops=2 * m * k * n / best / 1e9))
-    return rows
+            row[kname] = per_call / best / 1e9
+        rows.append(row)
+    total = sum(r_["flop"] for r_ in rows)
+    fp32 = [k for k in kernels if k.startswith("fp32")]
+    summary = {k: total / sum(r_["flop"] / (r_[k] * 1e9) for r_ in rows) / 1e9 for k in kernels}
+    summary["fp32 best kernel per shape"] = total / sum(r_["flop"] / (max(r_[k] for k in fp32) * 1e9) for r_ in rows) / 1e9
+    summary["fp32 best single shape"] = max(r_[k] for r_ in rows for k in fp32)
+    return rows, summary
 
 
 # ----------------------------------------------------------------------------- children
@@ -183,7 +218,10 @@ def child(args) -> None:
         m.train()
         opt, _ = m.configure_optimizers()
         model = m.model
-        path = "litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric)"
+        from litft.matmul import ONEDNN
+
+        path = ("litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric); fp32 CPU matmuls: "
+                + ("oneDNN" if ONEDNN else "torch (MKL)"))
 
         def forward(x):
             return m.training_step({"input_ids": x, "labels": x}) / (x.shape[0] * (x.shape[1] - 1))
@@ -280,13 +318,16 @@ def run_litgpt(args) -> dict:
 def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
     if impl == "litgpt":
         return run_litgpt(args)
+    env = dict(os.environ)
+    if impl == "litft_mkl":  # litft with torch's own fp32 matmul (MKL) instead of oneDNN: what that lever buys
+        impl, env["LITFT_CPU_MATMUL"] = "litft", "torch"
     cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
            str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype, "--rank", str(args.rank)]
     if args.gradient_checkpointing and impl == "litft":
         cmd.append("--gradient-checkpointing")
     if profile:
         cmd += ["--profile", impl, "--profile-rows", str(args.profile_rows)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"{impl} child failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     lines = p.stdout.splitlines()
@@ -303,6 +344,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 1 warmup step)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs")
     ap.add_argument("--only", choices=["litft", "hf", "litgpt"])
+    ap.add_argument("--litft-mkl", action="store_true",
+                    help="add litft with LITFT_CPU_MATMUL=torch (MKL fp32 matmuls) as a contender (see litft/matmul.py)")
     ap.add_argument("--rank", type=int, default=R)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="litft recomputes each block in backward (activation checkpointing)")
@@ -353,15 +396,19 @@ def main() -> None:
 
     peak = None
     if not args.no_roofline:
-        rows = roofline()
-        print("\n## matmul roofline (best of 10, torch.matmul)")
+        rows, summary = roofline(args.seq, args.batch, args.rank)
+        kernels = [k for k in rows[0] if k not in ("name", "shape", "flop")]
+        print("\n## matmul roofline (GFLOP/s, best of 10, every matmul shape of the step)\n")
+        print("| matmul | shape | share of step FLOPs | " + " | ".join(kernels) + " |")
+        print("|---|---|---|" + "---|" * len(kernels))
+        total = sum(r["flop"] for r in rows)
         for r in rows:
-            print(f"  {r['dtype']}  {r['name']:<24} {r['shape']:<24} {r['gflops']:7.1f} GFLOP/s")
-        fp32 = [r["gflops"] for r in rows if r["dtype"] == "fp32" and "lora" not in r["name"]]
-        peak = max(fp32)
-        bf16 = [r["gflops"] for r in rows if r["dtype"] == "bf16"]
-        print(f"  fp32 peak (big shapes): {peak:.1f} GFLOP/s; median {statistics.median(fp32):.1f}; "
-              f"bf16 median {statistics.median(bf16):.1f} GFLOP/s")
+            print(f"| {r['name']} | {r['shape']} | {100 * r['flop'] / total:.1f}% | " + " | ".join(f"{r[k]:.0f}" for k in kernels) + " |")
+        print("\nstep roofline (the step's matmul FLOPs at each shape's measured speed):")
+        for k, v in summary.items():
+            print(f"  {k:<28} {v:7.1f} GFLOP/s")
+        peak = summary["fp32 best kernel per shape"] if args.dtype == "fp32" else summary["bf16 torch.matmul"]
+        print(f"'% of roofline' below is achieved GFLOP/s over {peak:.1f} ({'fp32 best kernel per shape' if args.dtype == 'fp32' else 'bf16'})")
     if args.roofline_only:
         return
 
@@ -385,6 +432,7 @@ def main() -> None:
         if args.sweep:
             return sweep(args, ckpt, peak)
         impls = [args.only] if args.only else ["litft", "hf"] + (["litgpt"] if args.litgpt_python else [])
+        impls += ["litft_mkl"] if args.litft_mkl else []
         if not args.only and not args.litgpt_python:
             print("\n(LitGPT not run: pass --litgpt-python, see ../shared/bench/peers_step.py for its virtualenv)")
         results: dict[str, list[dict]] = {i: [] for i in impls}
@@ -403,7 +451,7 @@ def main() -> None:
                ("tok_s", "step_s", "fwd_s", "bwd_s", "opt_s", "peak_rss_mb", "train_peak_mb", "other_cores")
                if all(r[k] is not None for r in rs)} for i, rs in results.items()}
     print(f"\n## medians over {args.repeats} runs (each run: median of {args.steps} steps)\n")
-    print("| | tokens/s | best tokens/s | step s | fwd s | bwd s | opt s | peak RSS MB | train peak MB | achieved GFLOP/s | % of fp32 peak | trainable / total | other cores |")
+    print("| | tokens/s | best tokens/s | step s | fwd s | bwd s | opt s | peak RSS MB | train peak MB | achieved GFLOP/s | % of roofline | trainable / total | other cores |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda m, k, fmt: format(m[k], fmt) if k in m else "-"  # noqa: E731
     for impl in impls:
@@ -441,7 +489,7 @@ def sweep(args, ckpt: Path, peak: float | None) -> None:
     """litft vs HF over sequence length (r 16) and rank (seq 512): one run each, alternating."""
     points = [(seq, R) for seq in (256, 512, 1024, 2048)] + [(512, r) for r in (8, 32, 64, 128)]
     print(f"\n## sweep (batch {args.batch}, {args.steps} timed steps after 1 warmup, {args.dtype}; one run per cell)\n")
-    print("| seq | r | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | litft % of fp32 peak | other cores |")
+    print("| seq | r | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | litft % of roofline | other cores |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seq, rank in points:
         args.seq, args.rank = seq, rank

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from litft.adapters.lora import LoRALinear
+from litft.matmul import linear, mm
 from litft.utils import LitftError
 
 __all__ = ["DoRALinear"]
@@ -180,8 +181,8 @@ class DoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, scale: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ lora_A.t()
-        out = x2 @ weight.t()
+        xa = linear(x2, lora_A)
+        out = linear(x2, weight)
         out.addmm_(xa, lora_B.t(), alpha=scaling).mul_(scale)
         if bias is not None:
             out.add_(bias)
@@ -202,11 +203,11 @@ class DoRALinearFunction(torch.autograd.Function):
                 summed -= g.sum(0) * bias
             grad_scale = torch.where(scale != 0, summed / scale, 0.0)
         g_pre = g * scale
-        g_xa = (g_pre @ lora_B).mul_(s)
-        grad_x = (g_pre @ weight).addmm_(g_xa, lora_A).view(ctx.x_shape) if need_x else None
-        grad_w = g_pre.t() @ x2 if need_w else None
+        g_xa = mm(g_pre, lora_B).mul_(s)
+        grad_x = mm(g_pre, weight).addmm_(g_xa, lora_A).view(ctx.x_shape) if need_x else None
+        grad_w = mm(g_pre.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_b and bias is not None else None
-        grad_a = g_xa.t() @ x2 if need_a else None
-        grad_b = (g_pre.t() @ xa).mul_(s) if need_bb else None
+        grad_a = mm(g_xa.t(), x2) if need_a else None
+        grad_b = mm(g_pre.t(), xa).mul_(s) if need_bb else None
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_scale
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from litft.matmul import linear, mm
+
 __all__ = ["LoRALinear", "LoRALinearFunction", "lora_scaling"]
 
 
@@ -194,8 +196,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ lora_A.t()  # (tokens, r)
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        xa = linear(x2, lora_A)  # (tokens, r)
+        out = linear(x2, weight, bias)
         out.addmm_(xa, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
         ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
@@ -207,16 +209,16 @@ class LoRALinearFunction(torch.autograd.Function):
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        g_xa = (g @ lora_B).mul_(s)  # (tokens, r): d loss / d (x A^T)
+        g_xa = mm(g, lora_B).mul_(s)  # (tokens, r): d loss / d (x A^T)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
-            grad_x = (g @ weight).addmm_(g_xa, lora_A).view(ctx.x_shape)
+            grad_x = mm(g, weight).addmm_(g_xa, lora_A).view(ctx.x_shape)
         if need_w:
-            grad_w = g.t() @ x2
+            grad_w = mm(g.t(), x2)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_a:
-            grad_a = g_xa.t() @ x2
+            grad_a = mm(g_xa.t(), x2)
         if need_bb:
-            grad_b = (g.t() @ xa).mul_(s)
+            grad_b = mm(g.t(), xa).mul_(s)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None

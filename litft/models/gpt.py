@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from litft.matmul import linear, mm
 from litft.models.config import Config
 
 
@@ -388,7 +389,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-        logits = F.linear(h, weight, bias).float()
+        logits = linear(h, weight, bias).float()
         target_logits = logits.gather(1, targets.unsqueeze(1))
         row_max = logits.amax(dim=1, keepdim=True)
         probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
@@ -398,8 +399,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_logits.scatter_add_(1, targets.unsqueeze(1), grad_logits.new_full((len(targets), 1), -1.0))  # ... - onehot
         grad_logits = grad_logits.to(h.dtype)
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        grad_h = grad_logits @ weight if needs_h else None
-        grad_w = grad_logits.t() @ h if needs_w else None
+        grad_h = mm(grad_logits, weight) if needs_h else None
+        grad_w = mm(grad_logits.t(), h) if needs_w else None
         grad_b = grad_logits.sum(0) if needs_b and bias is not None else None
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return loss

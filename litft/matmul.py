@@ -1,0 +1,80 @@
+"""The matmuls inside litft's hand-written autograd functions, routed to oneDNN for fp32 on CPU.
+
+For fp32 on CPU ``torch.mm`` calls MKL's sgemm. MKL picks its kernels by CPU *vendor*: on AMD CPUs it
+runs its AVX2 path even where the CPU has AVX-512, while oneDNN (also shipped inside torch, and what
+torch already uses for bf16 matmuls and what Inductor uses for linears) picks kernels by the CPU's
+instruction set. On the AMD EPYC (AVX-512) development machine, oneDNN's fp32 GEMM ran 1.1-1.6x
+faster than MKL's on every shape of a SmolLM2 LoRA step (``benchmarks/README.md``), in plain fp32
+(no reduced-precision ``fp32_precision`` mode: results agree with MKL's to fp32 rounding).
+
+So: oneDNN on non-Intel x86 CPUs, MKL (torch's default) elsewhere. ``LITFT_CPU_MATMUL=onednn`` or
+``=torch`` overrides the choice. Only 2-D fp32 CPU tensors, outside autograd (inside our functions'
+forward/backward) take this path; everything else is plain torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["mm", "linear", "use_onednn"]
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_works() -> bool:
+    """The private op exists in this torch build and computes a small product correctly."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():
+            return False
+        a, w = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+        return torch.equal(op(a, w, None, "none", [], ""), a @ w.t())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _choose() -> bool:
+    choice = os.environ.get("LITFT_CPU_MATMUL", "auto").strip().lower()
+    if choice not in ("auto", "onednn", "torch"):
+        raise ValueError(f"LITFT_CPU_MATMUL={choice!r}: use 'auto', 'onednn' or 'torch'")
+    if choice == "torch":
+        return False
+    if choice == "auto" and _cpu_vendor() in ("GenuineIntel", ""):
+        return False  # MKL's own fast path; oneDNN is not expected to beat it there (not measured)
+    return _onednn_works()
+
+
+ONEDNN = _choose()
+
+
+def use_onednn(t: Tensor) -> bool:
+    return ONEDNN and t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight^T + bias`` for 2-D ``x`` (any strides); no autograd through the oneDNN path."""
+    if use_onednn(x) and weight.dtype == torch.float32 and weight.dim() == 2:
+        if (bias is None and x.dim() == 2 and not x.is_contiguous()
+                and (weight.is_contiguous() or weight.numel() < x.numel())):
+            # oneDNN copies a strided input (slowly, when transposed: g^T in a LoRA B gradient) but reads
+            # a strided weight in place; so when the weight is the cheaper copy, use (x W^T)^T = W x^T.
+            return torch.ops.mkldnn._linear_pointwise(weight, x, None, "none", [], "").t()
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for 2-D tensors (any strides)."""
+    return linear(a, b.t())

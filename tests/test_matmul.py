@@ -1,0 +1,68 @@
+"""litft.matmul: the fp32 CPU matmuls of the hand-written autograd functions (oneDNN or torch), checked
+against float64 products, for every layout those functions pass (transposed views, the swapped path)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from litft import matmul
+
+ONEDNN_OK = matmul._onednn_works()
+
+
+@pytest.fixture(params=[False, pytest.param(True, marks=pytest.mark.skipif(not ONEDNN_OK, reason="no oneDNN op"))],
+                ids=["torch", "onednn"])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(matmul, "ONEDNN", request.param)
+    return request.param
+
+
+def _close(got, a, b, bias=None):
+    ref = a.double() @ b.double() + (0 if bias is None else bias.double())
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    err = (got.double() - ref).abs().max().item()
+    assert err <= 1e-5 * max(1.0, ref.abs().max().item()), err
+
+
+@pytest.mark.parametrize("layout", ["plain", "a transposed", "b transposed", "both transposed", "a sliced"])
+def test_mm_matches_float64(backend, layout):
+    torch.manual_seed(0)
+    m, k, n = 37, 53, 29
+    a = torch.randn(k, m).t() if "a transposed" in layout or "both" in layout else torch.randn(m, k)
+    b = torch.randn(n, k).t() if "b transposed" in layout or "both" in layout else torch.randn(k, n)
+    if layout == "a sliced":
+        a = torch.randn(m, 2 * k)[:, ::2]
+    _close(matmul.mm(a, b), a, b)
+
+
+@pytest.mark.parametrize("big_input_transposed", [False, True])
+def test_linear_matches_float64(backend, big_input_transposed):
+    """x W^T (+ b); a transposed x with a smaller weight takes the swapped (W x^T)^T path."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 300).t() if big_input_transposed else torch.randn(300, 64)
+    w = torch.randn(8, 64)
+    _close(matmul.linear(x, w), x, w.t())
+    if not big_input_transposed:
+        bias = torch.randn(8)
+        _close(matmul.linear(x, w, bias), x, w.t(), bias)
+
+
+def test_other_dtypes_and_empty_inputs_take_torch(backend):
+    a, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    assert torch.equal(matmul.mm(a, b), a @ b)
+    e = matmul.mm(torch.randn(0, 7), torch.randn(7, 3))
+    assert e.shape == (0, 3)
+
+
+def test_env_override_is_validated():
+    code = "import litft.matmul"
+    env = dict(os.environ, LITFT_CPU_MATMUL="fast")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "LITFT_CPU_MATMUL='fast'" in p.stderr and "'onednn' or 'torch'" in p.stderr
+    for choice, expect in [("torch", "False"), ("onednn", str(ONEDNN_OK))]:
+        env["LITFT_CPU_MATMUL"] = choice
+        p = subprocess.run([sys.executable, "-c", code + "; print(litft.matmul.ONEDNN)"], env=env,
+                           capture_output=True, text=True)
+        assert p.stdout.strip() == expect, p.stderr
