@@ -135,11 +135,11 @@ def step_matmuls(seq: int, batch: int, r: int = R) -> list[tuple[str, int, int, 
 
 def roofline(seq: int, batch: int, r: int = R, reps: int = 10) -> tuple[list[dict], dict]:
     """Best-of-`reps` GFLOP/s of every matmul shape of the step, with torch.matmul (MKL for fp32 on CPU)
-    and with oneDNN (what litft's fp32 CPU path uses, `litft.matmul`), plus bf16 torch.matmul; and the
+    and with oneDNN (what litft's fp32 CPU path uses, `litft.cpu_kernels`), plus bf16 torch.matmul; and the
     step roofline: the step's matmul FLOPs over the time they take at each shape's best measured speed."""
     import torch
 
-    from litft import matmul as lm
+    from litft import cpu_kernels as lm
 
     def onednn_mm(a, b):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
@@ -218,7 +218,7 @@ def child(args) -> None:
         m.train()
         opt, _ = m.configure_optimizers()
         model = m.model
-        from litft.matmul import ONEDNN
+        from litft.cpu_kernels import ONEDNN
 
         path = ("litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric); fp32 CPU matmuls: "
                 + ("oneDNN" if ONEDNN else "torch (MKL)"))
@@ -345,7 +345,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs")
     ap.add_argument("--only", choices=["litft", "hf", "litgpt"])
     ap.add_argument("--litft-mkl", action="store_true",
-                    help="add litft with LITFT_CPU_MATMUL=torch (MKL fp32 matmuls) as a contender (see litft/matmul.py)")
+                    help="add litft with LITFT_CPU_MATMUL=torch (MKL fp32 matmuls) as a contender (see litft/cpu_kernels.py)")
     ap.add_argument("--rank", type=int, default=R)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="litft recomputes each block in backward (activation checkpointing)")

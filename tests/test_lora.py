@@ -147,7 +147,7 @@ def test_fused_forward_backward_equals_unfused(bias, train_base):
         t.grad = None
     ref = base(x) + layer.lora_forward(x)
     ref.backward(g)
-    # fp32 tolerances: the fused path's matmuls may run in oneDNN, autograd's in MKL (litft/matmul.py)
+    # fp32 tolerances: the fused path's matmuls may run in oneDNN, autograd's in MKL (litft/cpu_kernels.py)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, t in zip(fused, params):
         torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from litft.adapters.lora import LoRALinear
-from litft.matmul import linear, mm
+from litft.cpu_kernels import linear, mm
 from litft.utils import LitftError
 
 __all__ = ["DoRALinear"]

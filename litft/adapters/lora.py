@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litft.matmul import linear, mm
+from litft.cpu_kernels import linear, mm
 
 __all__ = ["LoRALinear", "LoRALinearFunction", "lora_scaling"]
 

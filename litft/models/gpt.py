@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from litft.matmul import linear, mm
+from litft.cpu_kernels import linear, mm
 from litft.models.config import Config
 
 

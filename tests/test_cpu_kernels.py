@@ -1,4 +1,4 @@
-"""litft.matmul: the fp32 CPU matmuls of the hand-written autograd functions (oneDNN or torch), checked
+"""litft.cpu_kernels: the fp32 CPU matmuls of the hand-written autograd functions (oneDNN or torch), checked
 against float64 products, for every layout those functions pass (transposed views, the swapped path)."""
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from litft import matmul
+from litft import cpu_kernels as matmul
 
 ONEDNN_OK = matmul._onednn_works()
 
@@ -16,6 +16,7 @@ ONEDNN_OK = matmul._onednn_works()
                 ids=["torch", "onednn"])
 def backend(request, monkeypatch):
     monkeypatch.setattr(matmul, "ONEDNN", request.param)
+    monkeypatch.setattr(matmul, "MIN_MACS", 0)  # these small products would otherwise stay in torch
     return request.param
 
 
@@ -57,12 +58,20 @@ def test_other_dtypes_and_empty_inputs_take_torch(backend):
 
 
 def test_env_override_is_validated():
-    code = "import litft.matmul"
+    code = "import litft.cpu_kernels"
     env = dict(os.environ, LITFT_CPU_MATMUL="fast")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert p.returncode != 0 and "LITFT_CPU_MATMUL='fast'" in p.stderr and "'onednn' or 'torch'" in p.stderr
     for choice, expect in [("torch", "False"), ("onednn", str(ONEDNN_OK))]:
         env["LITFT_CPU_MATMUL"] = choice
-        p = subprocess.run([sys.executable, "-c", code + "; print(litft.matmul.ONEDNN)"], env=env,
+        p = subprocess.run([sys.executable, "-c", code + "; print(litft.cpu_kernels.ONEDNN)"], env=env,
                            capture_output=True, text=True)
         assert p.stdout.strip() == expect, p.stderr
+
+
+def test_small_products_stay_in_torch(monkeypatch):
+    """Below MIN_MACS (oneDNN's per-shape kernel compilation would not pay off) it is torch's own matmul."""
+    monkeypatch.setattr(matmul, "ONEDNN", True)
+    a, b = torch.randn(64, 48), torch.randn(48, 40)
+    assert 64 * 48 * 40 < matmul.MIN_MACS
+    assert torch.equal(matmul.mm(a, b), torch.mm(a, b))

@@ -8,8 +8,9 @@ faster than MKL's on every shape of a SmolLM2 LoRA step (``benchmarks/README.md`
 (no reduced-precision ``fp32_precision`` mode: results agree with MKL's to fp32 rounding).
 
 So: oneDNN on non-Intel x86 CPUs, MKL (torch's default) elsewhere. ``LITFT_CPU_MATMUL=onednn`` or
-``=torch`` overrides the choice. Only 2-D fp32 CPU tensors, outside autograd (inside our functions'
-forward/backward) take this path; everything else is plain torch.
+``=torch`` overrides the choice. Only products of 2-D fp32 CPU tensors large enough to repay oneDNN's
+per-shape kernel compilation (``MIN_MACS``), outside autograd (inside our functions' forward/backward), take
+this path; everything else is plain torch.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def _choose() -> bool:
 
 
 ONEDNN = _choose()
+# oneDNN JIT-compiles a kernel for every new shape (~1 ms; varying sequence lengths keep making new ones),
+# which only pays off on large products; smaller ones (LoRA's rank-r products, small models) stay in MKL.
+MIN_MACS = 1 << 25
 
 
 def use_onednn(t: Tensor) -> bool:
@@ -65,8 +69,9 @@ def use_onednn(t: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight^T + bias`` for 2-D ``x`` (any strides); no autograd through the oneDNN path."""
-    if use_onednn(x) and weight.dtype == torch.float32 and weight.dim() == 2:
-        if (bias is None and x.dim() == 2 and not x.is_contiguous()
+    if (use_onednn(x) and weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() == 2
+            and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS):
+        if (bias is None and not x.is_contiguous()
                 and (weight.is_contiguous() or weight.numel() < x.numel())):
             # oneDNN copies a strided input (slowly, when transposed: g^T in a LoRA B gradient) but reads
             # a strided weight in place; so when the weight is the cheaper copy, use (x W^T)^T = W x^T.
@@ -78,3 +83,4 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for 2-D tensors (any strides)."""
     return linear(a, b.t())
+
