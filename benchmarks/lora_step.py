@@ -489,7 +489,7 @@ def sweep(args, ckpt: Path, peak: float | None) -> None:
     """litft vs HF over sequence length (r 16) and rank (seq 512): one run each, alternating."""
     points = [(seq, R) for seq in (256, 512, 1024, 2048)] + [(512, r) for r in (8, 32, 64, 128)]
     print(f"\n## sweep (batch {args.batch}, {args.steps} timed steps after 1 warmup, {args.dtype}; one run per cell)\n")
-    print("| seq | r | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | litft % of roofline | other cores |")
+    print("| seq | r | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | litft % of roofline (seq-512 step's) | other cores |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seq, rank in points:
         args.seq, args.rank = seq, rank
