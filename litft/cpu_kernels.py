@@ -3,9 +3,10 @@
 For fp32 on CPU ``torch.mm`` calls MKL's sgemm. MKL picks its kernels by CPU *vendor*: on AMD CPUs it
 runs its AVX2 path even where the CPU has AVX-512, while oneDNN (also shipped inside torch, and what
 torch already uses for bf16 matmuls and what Inductor uses for linears) picks kernels by the CPU's
-instruction set. On the AMD EPYC (AVX-512) development machine, oneDNN's fp32 GEMM ran 1.1-1.6x
-faster than MKL's on every shape of a SmolLM2 LoRA step (``benchmarks/README.md``), in plain fp32
-(no reduced-precision ``fp32_precision`` mode: results agree with MKL's to fp32 rounding).
+instruction set. On the AMD EPYC (AVX-512) development machine, oneDNN's fp32 GEMM ran 1.05-1.6x
+faster than MKL's on every shape of a SmolLM2 LoRA step, in isolation, and the step peaked at 0.84x
+MKL's memory (its step speed was within the host's noise; ``benchmarks/README.md``). It is plain fp32
+(no reduced-precision ``fp32_precision`` mode): results agree with MKL's to fp32 rounding.
 
 So: oneDNN on non-Intel x86 CPUs, MKL (torch's default) elsewhere. ``LITFT_CPU_MATMUL=onednn`` or
 ``=torch`` overrides the choice. Only products of 2-D fp32 CPU tensors large enough to repay oneDNN's
