@@ -155,14 +155,21 @@ def randomize_b(model: torch.nn.Module) -> None:
                 m.lora_B.normal_(0, 0.1)
 
 
-def qlora_and_dequantized_lora(ckpt: Path, mode: str) -> tuple[QLoRA, LoRA]:
-    kw = dict(checkpoint_dir=ckpt, r=4, alpha=8, dropout=0.0, targets=["all-linear", "lm_head"], bias="all")
+def configured_pair(make_q, make_ref) -> tuple:
+    """The module under test (adapters' B randomized) and its reference, configured from the same seed;
+    the caller makes the reference's frozen weights equal and copies the adapters over."""
     torch.manual_seed(0)
-    q = QLoRA(quantize=mode, **kw)
+    q = make_q()
     q.configure_model()
     randomize_b(q.model)
-    ref = LoRA(**kw)
+    ref = make_ref()
     ref.configure_model()
+    return q, ref
+
+
+def qlora_and_dequantized_lora(ckpt: Path, mode: str) -> tuple[QLoRA, LoRA]:
+    kw = dict(checkpoint_dir=ckpt, r=4, alpha=8, dropout=0.0, targets=["all-linear", "lm_head"], bias="all")
+    q, ref = configured_pair(lambda: QLoRA(quantize=mode, **kw), lambda: LoRA(**kw))
     q_mods = dict(q.model.named_modules())
     for name, m in ref.model.named_modules():
         if isinstance(m, LoRALinear) and is_quantized_linear(q_mods[name].base_layer):
@@ -319,12 +326,7 @@ def quantized_embedding_and_reference(ckpt: Path, mode: str) -> tuple[LoRA, LoRA
     """QLoRA with quantize_embedding, and the same QLoRA (same quantized Linear layers, same adapters,
     LoRA on the head too) whose embedding and tied head are a plain table: the dequantized one."""
     kw = dict(checkpoint_dir=ckpt, r=4, alpha=8, dropout=0.0, targets=["all-linear", "lm_head"], quantize=mode)
-    torch.manual_seed(0)
-    q = LoRA(quantize_embedding=True, **kw)
-    q.configure_model()
-    randomize_b(q.model)
-    ref = LoRA(**kw)
-    ref.configure_model()
+    q, ref = configured_pair(lambda: LoRA(quantize_embedding=True, **kw), lambda: LoRA(**kw))
     ref.model.embed.weight = torch.nn.Parameter(q.model.embed.dequantize(), requires_grad=False)
     ref.model.lm_head.base_layer.weight = ref.model.embed.weight
     ref.load_trainable_state_dict(q.trainable_state_dict())
