@@ -151,7 +151,7 @@ def roofline(seq: int, batch: int, r: int = R, reps: int = 10) -> tuple[list[dic
     for name, m, k, n, count in step_matmuls(seq, batch, r):
         row = dict(name=name, shape=f"({m}x{k})@({k}x{n})", flop=2 * m * k * n * count)
         for kname, (dtype, fn) in kernels.items():
-            if name.startswith("attention"):  # (B * heads) independent (seq x hd) @ (hd x seq) products
+            if name.startswith("attention"):  # (B * heads) (seq x hd) @ (hd x seq) products: torch.bmm in every column
                 a, b = torch.randn(batch * NH, m, k, dtype=dtype), torch.randn(batch * NH, k, n, dtype=dtype)
                 fn, per_call = torch.matmul, 2 * m * k * n * batch * NH
             else:
@@ -218,10 +218,10 @@ def child(args) -> None:
         m.train()
         opt, _ = m.configure_optimizers()
         model = m.model
-        from litft.cpu_kernels import ONEDNN
+        from litft.cpu_kernels import onednn_enabled
 
         path = ("litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric); fp32 CPU matmuls: "
-                + ("oneDNN" if ONEDNN else "torch (MKL)"))
+                + ("oneDNN" if onednn_enabled() else "torch (MKL)"))
 
         def forward(x):
             return m.training_step({"input_ids": x, "labels": x}) / (x.shape[0] * (x.shape[1] - 1))

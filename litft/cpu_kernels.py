@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["mm", "linear", "use_onednn"]
+from litft.utils import LitftError
+
+__all__ = ["mm", "linear", "use_onednn", "onednn_enabled"]
 
 
 def _cpu_vendor() -> str:
@@ -50,7 +52,7 @@ def _onednn_works() -> bool:
 def _choose() -> bool:
     choice = os.environ.get("LITFT_CPU_MATMUL", "auto").strip().lower()
     if choice not in ("auto", "onednn", "torch"):
-        raise ValueError(f"LITFT_CPU_MATMUL={choice!r}: use 'auto', 'onednn' or 'torch'")
+        raise LitftError(f"LITFT_CPU_MATMUL={choice!r}: use 'auto', 'onednn' or 'torch' (or unset it)")
     if choice == "torch":
         return False
     if choice == "auto" and _cpu_vendor() in ("GenuineIntel", ""):
@@ -58,14 +60,21 @@ def _choose() -> bool:
     return _onednn_works()
 
 
-ONEDNN = _choose()
+ONEDNN: bool | None = None  # decided on first use, so a bad LITFT_CPU_MATMUL is a CLI error, not an import error
 # oneDNN JIT-compiles a kernel for every new shape (~1 ms; varying sequence lengths keep making new ones),
 # which only pays off on large products; smaller ones (LoRA's rank-r products, small models) stay in MKL.
 MIN_MACS = 1 << 25
 
 
+def onednn_enabled() -> bool:
+    global ONEDNN
+    if ONEDNN is None:
+        ONEDNN = _choose()
+    return ONEDNN
+
+
 def use_onednn(t: Tensor) -> bool:
-    return ONEDNN and t.dtype == torch.float32 and t.device.type == "cpu"
+    return t.dtype == torch.float32 and t.device.type == "cpu" and onednn_enabled()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -3,6 +3,7 @@ against float64 products, for every layout those functions pass (transposed view
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,16 +59,27 @@ def test_other_dtypes_and_empty_inputs_take_torch(backend):
 
 
 def test_env_override_is_validated():
-    code = "import litft.cpu_kernels"
+    code = "import litft.cpu_kernels; print(litft.cpu_kernels.onednn_enabled())"
     env = dict(os.environ, LITFT_CPU_MATMUL="fast")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert p.returncode != 0 and "LITFT_CPU_MATMUL='fast'" in p.stderr and "'onednn' or 'torch'" in p.stderr
     for choice, expect in [("torch", "False"), ("onednn", str(ONEDNN_OK))]:
         env["LITFT_CPU_MATMUL"] = choice
-        p = subprocess.run([sys.executable, "-c", code + "; print(litft.cpu_kernels.ONEDNN)"], env=env,
-                           capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert p.stdout.strip() == expect, p.stderr
 
+
+def test_bad_env_value_is_one_cli_error_line(tmp_path):
+    """Checked when the command starts (not at import), so the CLI reports it as one line (no traceback)
+    and writes nothing."""
+    env = dict(os.environ, LITFT_CPU_MATMUL="fast")
+    cmd = [sys.executable, "-m", "litft.cli", "finetune", "lora", "--config", "config_hub/finetune/demo/lora.yaml",
+           "--out_dir", str(tmp_path / "out")]
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "litft: error: LITFT_CPU_MATMUL='fast'" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
 
 def test_small_products_stay_in_torch(monkeypatch):
     """Below MIN_MACS (oneDNN's per-shape kernel compilation would not pay off) it is torch's own matmul."""
