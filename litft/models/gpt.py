@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from litft.cpu_attention import causal_attention
 from litft.cpu_kernels import linear, mm
 from litft.models.config import Config
 
@@ -120,10 +121,10 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache(...) first")
             k, v = self.kv_cache.update(input_pos, k, v)
-        is_causal = mask is None and q.shape[2] == k.shape[2] and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
-        )
+        if mask is None and q.shape[2] == k.shape[2] and T > 1:
+            y = causal_attention(q, k, v)  # litft's CPU fp32 kernel where it applies, else SDPA
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
