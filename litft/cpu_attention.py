@@ -129,6 +129,14 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def _kernel() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("litft's CPU attention kernel is not available here (see the warning above); "
+                           "call causal_attention(), which falls back to SDPA")
+    return lib
+
+
 def _last_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -162,7 +170,7 @@ class CausalAttention(torch.autograd.Function):
         kt, vp = _packed(k, transpose=True), _packed(v, transpose=False)
         o = q.new_empty(B, T, H, Dh)  # (B, T, H, Dh): the o_proj input is a view of it
         lse2 = q.new_empty(B, H, T)
-        rc = _LIB.litft_attention_forward(torch.get_num_threads(), B, H, KV, T, kt.shape[-1], Dh, scale, *_q_args(q),
+        rc = _kernel().litft_attention_forward(torch.get_num_threads(), B, H, KV, T, kt.shape[-1], Dh, scale, *_q_args(q),
                                           kt.data_ptr(), vp.data_ptr(), o.data_ptr(), lse2.data_ptr())
         if rc != 0:
             raise RuntimeError(f"litft attention kernel rejected shapes q={tuple(q.shape)} k={tuple(k.shape)}")
@@ -179,7 +187,7 @@ class CausalAttention(torch.autograd.Function):
         dq = q.new_empty(B, T, H, Dh)
         dk = q.new_empty(H // KV, B, T, KV, Dh)  # one partial sum per query head of a kv group
         dv = q.new_empty(H // KV, B, T, KV, Dh)
-        rc = _LIB.litft_attention_backward(torch.get_num_threads(), B, H, KV, T, kt.shape[-1], Dh, 1.0 / math.sqrt(Dh),
+        rc = _kernel().litft_attention_backward(torch.get_num_threads(), B, H, KV, T, kt.shape[-1], Dh, 1.0 / math.sqrt(Dh),
                                            *_q_args(q), kt.data_ptr(), kp.data_ptr(), vt.data_ptr(), o.data_ptr(),
                                            dout.data_ptr(), lse2.data_ptr(), dq.data_ptr(), dk.data_ptr(),
                                            dv.data_ptr())

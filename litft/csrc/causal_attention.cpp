@@ -24,7 +24,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 static const int BQ = 64, BK = 64, MAXD = 256;
 
-static inline v16 splat(float x) { return v16{} + x; }
+static inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // one broadcast
 
 // 2^x for x <= 0, relative error ~2e-7; exactly 0 below 2^-126 (no denormals, and 2^-inf = 0 for masked keys)
 static inline v16 exp2v(v16 x) {
@@ -43,38 +43,48 @@ static inline v16 exp2v(v16 x) {
     return (v16)((v16i)(p * scale) & ~under);
 }
 
-// C[r][0:16 NV] (+)= sum_k A[r sai + k sak] B[k ldb + 0:16 NV] for 4 rows r: the register tile.
-template <int NV>
-static inline void tile4(int K, const float* A, long sai, long sak, const float* B, long ldb, float* C, long ldc,
-                         bool acc) {
-    v16 c[4][NV];
-    for (int r = 0; r < 4; r++)
+// C[r][0:16 NV] (+)= sum_k A[r sai + k sak] B[k ldb + 0:16 NV] for R rows r: the register tile
+// (R x NV accumulators + NV values of B in vector registers: 6 x 4 + 4 of the 32 with AVX-512).
+template <int R, int NV>
+static inline void tile(int K, const float* A, long sai, long sak, const float* B, long ldb, float* C, long ldc,
+                        bool acc) {
+    v16 c[R][NV];
+    for (int r = 0; r < R; r++)
         for (int x = 0; x < NV; x++) c[r][x] = acc ? *(const v16*)(C + r * ldc + 16 * x) : splat(0.f);
     for (int k = 0; k < K; k++) {
         v16 b[NV];
-        for (int x = 0; x < NV; x++) b[x] = *(const v16*)(B + k * ldb + 16 * x);
-        for (int r = 0; r < 4; r++) {
+        for (int x = 0; x < NV; x++) {
+            b[x] = *(const v16*)(B + k * ldb + 16 * x);
+            asm("" : "+v"(b[x]));  // keep b in a register: one load per k, not one per row
+        }
+        for (int r = 0; r < R; r++) {
             v16 a = splat(A[r * sai + k * sak]);
             for (int x = 0; x < NV; x++) c[r][x] += a * b[x];
         }
     }
-    for (int r = 0; r < 4; r++)
+    for (int r = 0; r < R; r++)
         for (int x = 0; x < NV; x++) *(v16*)(C + r * ldc + 16 * x) = c[r][x];
+}
+
+template <int R>
+static inline void tile_n(int nv, int K, const float* A, long sai, long sak, const float* B, long ldb, float* C,
+                          long ldc, bool acc) {
+    if (nv == 4) tile<R, 4>(K, A, sai, sak, B, ldb, C, ldc, acc);
+    else if (nv == 3) tile<R, 3>(K, A, sai, sak, B, ldb, C, ldc, acc);
+    else if (nv == 2) tile<R, 2>(K, A, sai, sak, B, ldb, C, ldc, acc);
+    else tile<R, 1>(K, A, sai, sak, B, ldb, C, ldc, acc);
 }
 
 // C (M x N) (+)= A (M x K; row stride sai, column stride sak) @ B (K x N; row stride ldb). M % 4 == 0, N % 16 == 0.
 static void gemm(int M, int N, int K, const float* A, long sai, long sak, const float* B, long ldb, float* C,
                  long ldc, bool acc) {
+    int m6 = M / 6;
+    while ((M - 6 * m6) % 4) m6--;  // 6-row tiles, then 4-row tiles for the rest
     for (int n = 0; n < N; n += 64) {
-        int nv = N - n >= 64 ? 4 : (N - n) / 16;
-        for (int m = 0; m < M; m += 4) {
-            const float* a = A + m * sai;
-            float* c = C + m * ldc + n;
-            if (nv == 4) tile4<4>(K, a, sai, sak, B + n, ldb, c, ldc, acc);
-            else if (nv == 3) tile4<3>(K, a, sai, sak, B + n, ldb, c, ldc, acc);
-            else if (nv == 2) tile4<2>(K, a, sai, sak, B + n, ldb, c, ldc, acc);
-            else tile4<1>(K, a, sai, sak, B + n, ldb, c, ldc, acc);
-        }
+        const int nv = N - n >= 64 ? 4 : (N - n) / 16;
+        int m = 0;
+        for (; m < 6 * m6; m += 6) tile_n<6>(nv, K, A + m * sai, sai, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+        for (; m < M; m += 4) tile_n<4>(nv, K, A + m * sai, sai, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
     }
 }
 
