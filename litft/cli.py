@@ -204,14 +204,14 @@ def run(argv: list[str] | None = None) -> Any:
     """Parse `argv` and run the command; returns its result (tests call this)."""
     from jsonargparse import CLI
 
-    from litft.cpu_attention import attention_choice
+    from litft import native
     from litft.cpu_kernels import onednn_enabled
 
     components = commands()
     argv = _words_to_list(list(sys.argv[1:] if argv is None else argv), components)
     _check_config_files(argv, components)
     onednn_enabled()  # validates LITFT_CPU_MATMUL before any work, not at the first matmul
-    attention_choice()  # and LITFT_CPU_ATTENTION
+    native.kernels_choice()  # and LITFT_CPU_KERNELS
     return CLI(components, args=argv)
 
 

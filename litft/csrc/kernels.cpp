@@ -1,12 +1,12 @@
-// Causal (grouped-query) attention for fp32 on CPU, forward and backward: litft/cpu_attention.py builds this
-// file once per machine (g++ -O3 -march=native -fopenmp) and calls it through ctypes.
+// litft's compiled CPU kernels, fp32: causal (grouped-query) attention forward/backward, RMSNorm and SwiGLU
+// forward/backward. litft/native.py builds this file once per machine (g++ -O3 -march=native -fopenmp) and calls
+// it through ctypes; litft/models/gpt.py uses it where it applies and torch everywhere else.
 //
-// Why: torch's CPU flash-attention kernel (F.scaled_dot_product_attention) runs its block products through
-// BLAS calls sized for general use; for 64..256-wide heads those are small and the kernel reaches a fraction of
-// the matmul roofline. Here the block products are one register-tiled loop nest (4 rows x up to 64 columns
-// held in vector registers), the softmax uses exp2 (one polynomial, no libm call), key blocks above the
-// diagonal are skipped, and the grouped kv heads are read in place (no repeat).
-//
+// Attention. torch's CPU flash-attention kernel (F.scaled_dot_product_attention) runs its block products
+// through BLAS calls sized for general use; for 64..256-wide heads those are small and it reaches a fraction of
+// the matmul roofline. Here the block products are one register-tiled loop nest (6 or 4 rows x up to 64 columns
+// in vector registers), the softmax uses exp2 (one polynomial, no libm call), key blocks above the diagonal are
+// skipped, and grouped kv heads are read in place (no repeat).
 // Math (flash attention 2, Dao 2023): per query block, running max m and sum l over key blocks,
 //   S = c q k^T with c = scale * log2(e);  P = 2^(S - m);  O = sum P v / l;  lse2 = m + log2(l)
 // and in backward, with D_i = dO_i . O_i:  P = 2^(S - lse2);  dV += P^T dO;  dS = P (dO v^T - D);
@@ -15,6 +15,9 @@
 //   q (B, H, T, Dh) strided by qs0/qs1/qs2; kt, vt (B, KV, Dh, Tp) and kp, vp (B, KV, Tp, Dh) packed and
 //   zero-padded to Tp (a multiple of 64) by the caller; o, dout, dq (B, T, H, Dh) contiguous; lse2 (B, H, T);
 //   dk, dv (G, B, T, KV, Dh) partial sums per query head of the group, summed by the caller.
+//
+// RMSNorm and SwiGLU: torch runs each as 3-5 separate passes over the activation (pow, mean, mul, mul; silu,
+// mul, ...); here each direction is one pass, which matters on a memory-bound CPU step.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -88,7 +91,7 @@ static void gemm(int M, int N, int K, const float* A, long sai, long sak, const 
     }
 }
 
-static inline float hsum(v16 x) {
+static inline float hsum(v16 x) {  // (order fixed: results do not depend on threads)
     float s = 0.f;
     for (int i = 0; i < 16; i++) s += x[i];
     return s;
@@ -115,6 +118,7 @@ static void mask_block(float* S, int nq4, int nq, int nk16, int nk, int i0, int 
     }
 }
 
+// ------------------------------------------------------------------------------------------ attention
 extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T, int Tp, int Dh, float scale,
                                        const float* q, long qs0, long qs1, long qs2, const float* kt,
                                        const float* vp, float* o, float* lse2) {
@@ -247,4 +251,89 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
         free(Qs), free(dOs), free(dQa), free(S), free(dP), free(dKa), free(dVa);
     }
     return 0;
+}
+
+// ------------------------------------------------------------------------------------------ RMSNorm
+// x, out: (rows, C) contiguous; w: the effective weight (C) (Gemma's 1 + w is formed by the caller); rstd (rows)
+extern "C" void litft_rmsnorm_forward(int nthreads, long rows, int C, float eps, const float* x, const float* w,
+                                      float* out, float* rstd) {
+    const int C16 = C & ~15;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float* xr = x + r * C;
+        float* orow = out + r * C;
+        v16 acc = splat(0.f);
+        for (int c = 0; c < C16; c += 16) {
+            const v16 a = *(const v16*)(xr + c);
+            acc += a * a;
+        }
+        float ss = hsum(acc);
+        for (int c = C16; c < C; c++) ss += xr[c] * xr[c];
+        const float rs = 1.f / sqrtf(ss / C + eps);
+        rstd[r] = rs;
+        const v16 rv = splat(rs);
+        for (int c = 0; c < C16; c += 16) *(v16*)(orow + c) = *(const v16*)(w + c) * (*(const v16*)(xr + c) * rv);
+        for (int c = C16; c < C; c++) orow[c] = w[c] * (xr[c] * rs);
+    }
+}
+
+// dx = rstd (dy w) - x rstd^3 mean(dy w x): d/dx of w x rstd(x)
+extern "C" void litft_rmsnorm_backward(int nthreads, long rows, int C, const float* x, const float* w,
+                                       const float* rstd, const float* dy, float* dx) {
+    const int C16 = C & ~15;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * C, *dr = dy + r * C;
+        float* o = dx + r * C;
+        const float rs = rstd[r];
+        v16 acc = splat(0.f);
+        for (int c = 0; c < C16; c += 16) acc += *(const v16*)(dr + c) * *(const v16*)(w + c) * *(const v16*)(xr + c);
+        float dot = hsum(acc);
+        for (int c = C16; c < C; c++) dot += dr[c] * w[c] * xr[c];
+        const float k = rs * rs * rs * dot / C;
+        const v16 kv = splat(k), rv = splat(rs);
+        for (int c = 0; c < C16; c += 16)
+            *(v16*)(o + c) = rv * *(const v16*)(dr + c) * *(const v16*)(w + c) - *(const v16*)(xr + c) * kv;
+        for (int c = C16; c < C; c++) o[c] = rs * dr[c] * w[c] - xr[c] * k;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ SwiGLU
+static inline v16 sigmoid(v16 g) {  // stable: e^-|g| never overflows
+    const v16 z = exp2v((g < 0 ? g : -g) * splat(1.4426950408889634f));
+    const v16 r = splat(1.f) / (splat(1.f) + z);
+    return g >= 0 ? r : z * r;
+}
+
+static inline float sigmoid1(float g) {
+    const float z = expf(-fabsf(g)), r = 1.f / (1.f + z);
+    return g >= 0 ? r : z * r;
+}
+
+// out = silu(gate) * up over n contiguous elements
+extern "C" void litft_swiglu_forward(int nthreads, long n, const float* gate, const float* up, float* out) {
+    const long n16 = n / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long i = 0; i < n16; i++) {
+        const v16 g = *(const v16*)(gate + 16 * i);
+        *(v16*)(out + 16 * i) = g * sigmoid(g) * *(const v16*)(up + 16 * i);
+    }
+    for (long i = 16 * n16; i < n; i++) out[i] = gate[i] * sigmoid1(gate[i]) * up[i];
+}
+
+// d up = dy silu(g);  d gate = dy up silu'(g), silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g)
+extern "C" void litft_swiglu_backward(int nthreads, long n, const float* gate, const float* up, const float* dy,
+                                      float* dgate, float* dup) {
+    const long n16 = n / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long i = 0; i < n16; i++) {
+        const v16 g = *(const v16*)(gate + 16 * i), d = *(const v16*)(dy + 16 * i), s = sigmoid(g);
+        *(v16*)(dup + 16 * i) = d * g * s;
+        *(v16*)(dgate + 16 * i) = d * *(const v16*)(up + 16 * i) * s * (splat(1.f) + g * (splat(1.f) - s));
+    }
+    for (long i = 16 * n16; i < n; i++) {
+        const float g = gate[i], s = sigmoid1(g);
+        dup[i] = dy[i] * g * s;
+        dgate[i] = dy[i] * up[i] * s * (1.f + g * (1.f - s));
+    }
 }

@@ -1,5 +1,6 @@
-"""litft.cpu_attention: litft's fp32 CPU causal attention kernel against a float64 SDPA reference (outputs and
-q/k/v gradients), its fallbacks to SDPA, and the LITFT_CPU_ATTENTION switch."""
+"""litft.native: litft's compiled fp32 CPU kernels against float64 references -- causal attention vs SDPA
+(outputs and q/k/v gradients), RMSNorm vs its formula (HF's), SwiGLU vs silu(gate) * up -- their fallbacks to
+torch, and the LITFT_CPU_KERNELS switch."""
 from __future__ import annotations
 
 import os
@@ -11,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from litft import cpu_attention
-from litft.cpu_attention import CausalAttention, causal_attention
+from litft import native
+from litft.models.gpt import CausalAttention, RMSNorm, SwiGLU, causal_attention
 
-KERNEL = cpu_attention.kernel_enabled()
-needs_kernel = pytest.mark.skipif(not KERNEL, reason="no C++ compiler: litft's CPU attention kernel was not built")
+KERNEL = native.enabled()
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="no C++ compiler: litft's CPU kernels were not built")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,10 +100,10 @@ def test_unsupported_cases_use_sdpa():
         (torch.randn(1, 2, 9, 8, generator=g),) * 3,                         # head size 8
     ]
     for q, k, v in cases:
-        assert not cpu_attention.supports(q, k, v)
+        assert not native.attention_supported(q, k, v)
         assert torch.equal(causal_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
     q, kv = torch.randn(1, 2, 3, 64, generator=g), torch.randn(1, 2, 7, 64, generator=g)
-    assert not cpu_attention.supports(q, kv, kv)
+    assert not native.attention_supported(q, kv, kv)
 
 
 def _run(code: str, **env_vars) -> subprocess.CompletedProcess:
@@ -110,16 +111,16 @@ def _run(code: str, **env_vars) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-PROBE = ("import warnings, torch; warnings.simplefilter('always'); from litft import cpu_attention as c; "
-         "q = torch.randn(1, 2, 9, 64); print(c.kernel_enabled(), c.supports(q, q, q))")
+PROBE = ("import warnings, torch; warnings.simplefilter('always'); from litft import native; "
+         "q = torch.randn(1, 2, 9, 64); print(native.enabled(), native.attention_supported(q, q, q))")
 
 
 def test_env_switch(tmp_path):
-    p = _run(PROBE, LITFT_CPU_ATTENTION="sdpa", LITFT_CACHE_DIR=str(tmp_path))
+    p = _run(PROBE, LITFT_CPU_KERNELS="torch", LITFT_CACHE_DIR=str(tmp_path))
     assert p.returncode == 0 and p.stdout.split() == ["False", "False"], p.stderr
     assert not (tmp_path / "kernels").exists()  # nothing built when switched off
-    p = _run(PROBE, LITFT_CPU_ATTENTION="fast")
-    assert p.returncode != 0 and "LITFT_CPU_ATTENTION='fast'" in p.stderr and "'litft' or 'sdpa'" in p.stderr
+    p = _run(PROBE, LITFT_CPU_KERNELS="fast")
+    assert p.returncode != 0 and "LITFT_CPU_KERNELS='fast'" in p.stderr and "'litft' or 'torch'" in p.stderr
 
 
 @needs_kernel
@@ -127,23 +128,90 @@ def test_builds_into_the_cache_dir(tmp_path):
     p = _run(PROBE, LITFT_CACHE_DIR=str(tmp_path))
     assert p.returncode == 0 and p.stdout.split() == ["True", "True"], p.stderr
     built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("causal_attention-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
 
 
 def test_without_a_compiler_warns_once_and_uses_sdpa(tmp_path):
     p = _run(PROBE, CXX=str(tmp_path / "no-such-compiler"), LITFT_CACHE_DIR=str(tmp_path))
     assert p.returncode == 0 and p.stdout.split() == ["False", "False"], p.stderr
-    assert p.stderr.count("CPU attention kernel unavailable") == 1 and "using torch's SDPA" in p.stderr
+    assert p.stderr.count("CPU kernels unavailable") == 1 and "using torch's ops" in p.stderr
     # asked for explicitly, a failed build is an error naming the problem
-    p = _run(PROBE, CXX=str(tmp_path / "no-such-compiler"), LITFT_CACHE_DIR=str(tmp_path), LITFT_CPU_ATTENTION="litft")
+    p = _run(PROBE, CXX=str(tmp_path / "no-such-compiler"), LITFT_CACHE_DIR=str(tmp_path), LITFT_CPU_KERNELS="litft")
     assert p.returncode != 0 and "could not be built" in p.stderr and "no-such-compiler" in p.stderr
 
 
 def test_bad_env_value_is_one_cli_error_line(tmp_path):
     cmd = [sys.executable, "-m", "litft.cli", "finetune", "lora", "--config", "config_hub/finetune/demo/lora.yaml",
            "--out_dir", str(tmp_path / "out")]
-    p = subprocess.run(cmd, env=dict(os.environ, LITFT_CPU_ATTENTION="fast"), capture_output=True, text=True,
+    p = subprocess.run(cmd, env=dict(os.environ, LITFT_CPU_KERNELS="fast"), capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert p.returncode == 1, p.stderr[-2000:]
-    assert "litft: error: LITFT_CPU_ATTENTION='fast'" in p.stderr and "Traceback" not in p.stderr
+    assert "litft: error: LITFT_CPU_KERNELS='fast'" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm, SwiGLU
+def rmsnorm_reference(x, weight, eps, unit_offset):
+    """HF's formula in float64: x / sqrt(mean(x^2) + eps) * w (Gemma: * (1 + w))."""
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    scale = 1.0 + w64 if unit_offset else w64
+    return x64, w64, x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("C,unit_offset,train_weight", [(576, False, False), (40, True, False), (576, False, True),
+                                                         (2050, True, True)])
+def test_rmsnorm_matches_float64_reference(C, unit_offset, train_weight):
+    """C = 40 and 2050 leave a tail past the 16-wide vectors; a trained weight (full fine-tuning) gets its
+    gradient too; the incoming gradient is non-contiguous, as a transpose's would be."""
+    g = torch.Generator().manual_seed(C)
+    norm = RMSNorm(C, eps=1e-5, unit_offset=unit_offset)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(C, generator=g) + 0.5)
+    norm.weight.requires_grad_(train_weight)
+    x = (torch.randn(3, 7, C, generator=g) * 3).requires_grad_()
+    grad = torch.randn(C, 7, 3, generator=g).permute(2, 1, 0)
+    out = norm(x)
+    out.backward(grad)
+    x64, w64, ref = rmsnorm_reference(x, norm.weight, 1e-5, unit_offset)
+    ref.backward(grad.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    if train_weight:
+        torch.testing.assert_close(norm.weight.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
+    else:
+        assert norm.weight.grad is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 9, 1536), (5, 3)])
+def test_swiglu_matches_float64_reference(shape):
+    """Large |gate| (+-30: e^-|g| underflows in the polynomial) and a tail past the 16-wide vectors (5 x 3)."""
+    g = torch.Generator().manual_seed(0)
+    gate = (torch.randn(*shape, generator=g) * 6).clamp(-30, 30)
+    gate.view(-1)[:2] = torch.tensor([30.0, -30.0])
+    gate.requires_grad_()
+    up = torch.randn(*shape, generator=g).requires_grad_()
+    grad = torch.randn(*shape, generator=g)
+    out = SwiGLU.apply(gate, up)
+    out.backward(grad)
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    ref = F.silu(g64) * u64
+    ref.backward(grad.double())
+    for got, want in [(out, ref), (gate.grad, g64.grad), (up.grad, u64.grad)]:
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_path_is_the_same_math(monkeypatch):
+    """With the kernels off (LITFT_CPU_KERNELS=torch, or no compiler) RMSNorm and SwiGLU run torch's ops and agree
+    with the kernels to fp32 rounding."""
+    g = torch.Generator().manual_seed(1)
+    x, gate, up = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
+    norm = RMSNorm(64, eps=1e-6)
+    results = []
+    for kernels in ([True, False] if KERNEL else [False]):
+        if not kernels:
+            monkeypatch.setattr(native, "usable", lambda *t: False)
+        results.append((norm(x), SwiGLU.apply(gate, up)))
+    for a, b in zip(results[0], results[-1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
