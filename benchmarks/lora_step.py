@@ -2,6 +2,7 @@
 
     python benchmarks/lora_step.py [--seq 512] [--batch 2] [--rank 16] [--steps 4] [--repeats 3]
                                    [--only litft|hf|litgpt] [--litgpt-python VENV/bin/python] [--sweep]
+                                   [--litft-mkl] [--litft-torch]
                                    [--dtype fp32|bf16] [--profile litft|hf] [--no-roofline | --roofline-only]
 
 `--litgpt-python` adds LitGPT 0.5.13 as a third contender, run through ../shared/bench/peers_step.py in its
@@ -220,8 +221,11 @@ def child(args) -> None:
         model = m.model
         from litft.cpu_kernels import onednn_enabled
 
+        from litft import native
+
         path = ("litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric); fp32 CPU matmuls: "
-                + ("oneDNN" if onednn_enabled() else "torch (MKL)"))
+                + ("oneDNN" if onednn_enabled() else "torch (MKL)") + "; attention, RMSNorm, SwiGLU: "
+                + ("litft's kernels (litft/native.py)" if native.enabled() else "torch (SDPA, ...)"))
 
         def forward(x):
             return m.training_step({"input_ids": x, "labels": x}) / (x.shape[0] * (x.shape[1] - 1))
@@ -321,6 +325,8 @@ def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
     env = dict(os.environ)
     if impl == "litft_mkl":  # litft with torch's own fp32 matmul (MKL) instead of oneDNN: what that lever buys
         impl, env["LITFT_CPU_MATMUL"] = "litft", "torch"
+    if impl == "litft_torch":  # litft with torch's SDPA, RMSNorm and SwiGLU ops instead of litft/native.py's kernels
+        impl, env["LITFT_CPU_KERNELS"] = "litft", "torch"
     cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
            str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype, "--rank", str(args.rank)]
     if args.gradient_checkpointing and impl == "litft":
@@ -346,6 +352,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["litft", "hf", "litgpt"])
     ap.add_argument("--litft-mkl", action="store_true",
                     help="add litft with LITFT_CPU_MATMUL=torch (MKL fp32 matmuls) as a contender (see litft/cpu_kernels.py)")
+    ap.add_argument("--litft-torch", action="store_true",
+                    help="add litft with LITFT_CPU_KERNELS=torch (SDPA and torch's RMSNorm/SwiGLU ops instead of "
+                         "litft/native.py's kernels) as a contender")
     ap.add_argument("--rank", type=int, default=R)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="litft recomputes each block in backward (activation checkpointing)")
@@ -433,6 +442,7 @@ def main() -> None:
             return sweep(args, ckpt, peak)
         impls = [args.only] if args.only else ["litft", "hf"] + (["litgpt"] if args.litgpt_python else [])
         impls += ["litft_mkl"] if args.litft_mkl else []
+        impls += ["litft_torch"] if args.litft_torch else []
         if not args.only and not args.litgpt_python:
             print("\n(LitGPT not run: pass --litgpt-python, see ../shared/bench/peers_step.py for its virtualenv)")
         results: dict[str, list[dict]] = {i: [] for i in impls}
