@@ -124,9 +124,11 @@ def enabled() -> bool:
 
 
 def usable(*tensors: Tensor) -> bool:
-    """All fp32 CPU tensors, outside tracing/compiling, and the kernels are built."""
+    """All fp32 CPU tensors, no CPU autocast (which would run these ops in bf16), outside tracing/compiling, and
+    the kernels are built."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and enabled())
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and enabled())
 
 
 def _lib() -> ctypes.CDLL:
