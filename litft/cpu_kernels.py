@@ -17,24 +17,13 @@ this path; everything else is plain torch.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from litft.utils import LitftError
+from litft.utils import LitftError, cpuinfo_field
 
 __all__ = ["mm", "linear", "use_onednn", "onednn_enabled"]
-
-
-def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _onednn_works() -> bool:
@@ -55,7 +44,7 @@ def _choose() -> bool:
         raise LitftError(f"LITFT_CPU_MATMUL={choice!r}: use 'auto', 'onednn' or 'torch' (or unset it)")
     if choice == "torch":
         return False
-    if choice == "auto" and _cpu_vendor() in ("GenuineIntel", ""):
+    if choice == "auto" and cpuinfo_field("vendor_id") in ("GenuineIntel", ""):
         return False  # MKL's own fast path; oneDNN is not expected to beat it there (not measured)
     return _onednn_works()
 

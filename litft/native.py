@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from litft.utils import LitftError
+from litft.utils import LitftError, cpuinfo_field
 
 __all__ = ["kernels_choice", "enabled", "usable", "attention_supported", "attention_forward", "attention_backward",
            "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward"]
@@ -51,16 +51,6 @@ def kernels_choice() -> str:
     if choice not in ("auto", "litft", "torch"):
         raise LitftError(f"LITFT_CPU_KERNELS={choice!r}: use 'auto', 'litft' or 'torch' (or unset it)")
     return choice
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
 
 
 def _build(cxx: str, out: Path) -> None:
@@ -102,7 +92,9 @@ def library() -> ctypes.CDLL | None:
         cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
         if cxx is None:
             raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+        # a new source, compiler, flag set or CPU (-march=native) gets its own build
+        key = "\n".join([SOURCE.read_text(), cxx, *FLAGS, cpuinfo_field("flags")])
+        key = hashlib.sha256(key.encode()).hexdigest()[:16]
         cache = Path(os.environ.get("LITFT_CACHE_DIR") or Path.home() / ".cache" / "litft")
         lib_path = cache / "kernels" / f"kernels-{key}.so"
         if not lib_path.exists():

@@ -26,7 +26,7 @@ from litft.data.base import DataModule
 from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.tokenizer import Tokenizer
-from litft.utils import LitftError, atomic_write_text
+from litft.utils import LitftError, atomic_write_text, cpuinfo_field
 
 
 @dataclass
@@ -84,11 +84,7 @@ def default_precision() -> str:
 
 def cpu_bf16_units() -> bool:
     """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: assume not
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(set(cpuinfo_field("flags").split()) & {"avx512_bf16", "amx_bf16"})  # not Linux: "" -> False
 
 
 def finetune(

@@ -23,58 +23,75 @@
 #include <cstdlib>
 #include <cstring>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+// One vector register of floats: 16 with AVX-512 (32 registers: tiles of 6 rows x 4 vectors = 64 columns),
+// else 8 (AVX2's 16 registers: tiles of 6 rows x 2 vectors = 16 columns). -march=native picks.
+#if defined(__AVX512F__)
+constexpr int VW = 16, NVMAX = 4;
+#else
+constexpr int VW = 8, NVMAX = 2;
+#endif
+typedef float vf __attribute__((vector_size(4 * VW), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(4 * VW), aligned(4)));
 static const int BQ = 64, BK = 64, MAXD = 256;
 
-static inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // one broadcast
+static inline vf splat(float x) {  // written out: one broadcast instruction (a loop or `vf{} + x` is not)
+#if defined(__AVX512F__)
+    return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+    return vf{x, x, x, x, x, x, x, x};
+#endif
+}
 
 // 2^x for x <= 0, relative error ~2e-7; exactly 0 below 2^-126 (no denormals, and 2^-inf = 0 for masked keys)
-static inline v16 exp2v(v16 x) {
-    v16i under = x < splat(-126.f);
+static inline vf exp2v(vf x) {
+    vi under = x < splat(-126.f);
     x = x < splat(-126.f) ? splat(-126.f) : x;
-    v16i ti = __builtin_convertvector(x, v16i);                  // truncation toward zero ...
-    ti += (v16i)(__builtin_convertvector(ti, v16) > x);          // ... minus 1 where that rounded up: floor
-    v16 f = x - __builtin_convertvector(ti, v16);                // in [0, 1)
-    v16 p = splat(1.8775767e-3f);                                // minimax polynomial of 2^f on [0, 1)
+    vi ti = __builtin_convertvector(x, vi);                  // truncation toward zero ...
+    ti += (vi)(__builtin_convertvector(ti, vf) > x);          // ... minus 1 where that rounded up: floor
+    vf f = x - __builtin_convertvector(ti, vf);                // in [0, 1)
+    vf p = splat(1.8775767e-3f);                                // minimax polynomial of 2^f on [0, 1)
     p = p * f + splat(8.9893397e-3f);
     p = p * f + splat(5.5826318e-2f);
     p = p * f + splat(2.4015361e-1f);
     p = p * f + splat(6.9315308e-1f);
     p = p * f + splat(9.9999994e-1f);
-    v16 scale = (v16)((ti + 127) << 23);                         // 2^floor(x) as float bits
-    return (v16)((v16i)(p * scale) & ~under);
+    vf scale = (vf)((ti + 127) << 23);                         // 2^floor(x) as float bits
+    return (vf)((vi)(p * scale) & ~under);
 }
 
-// C[r][0:16 NV] (+)= sum_k A[r sai + k sak] B[k ldb + 0:16 NV] for R rows r: the register tile
+// C[r][0:VW NV] (+)= sum_k A[r sai + k sak] B[k ldb + 0:VW NV] for R rows r: the register tile
 // (R x NV accumulators + NV values of B in vector registers: 6 x 4 + 4 of the 32 with AVX-512).
 template <int R, int NV>
 static inline void tile(int K, const float* A, long sai, long sak, const float* B, long ldb, float* C, long ldc,
                         bool acc) {
-    v16 c[R][NV];
+    vf c[R][NV];
     for (int r = 0; r < R; r++)
-        for (int x = 0; x < NV; x++) c[r][x] = acc ? *(const v16*)(C + r * ldc + 16 * x) : splat(0.f);
+        for (int x = 0; x < NV; x++) c[r][x] = acc ? *(const vf*)(C + r * ldc + VW * x) : splat(0.f);
     for (int k = 0; k < K; k++) {
-        v16 b[NV];
+        vf b[NV];
         for (int x = 0; x < NV; x++) {
-            b[x] = *(const v16*)(B + k * ldb + 16 * x);
+            b[x] = *(const vf*)(B + k * ldb + VW * x);
+#if defined(__x86_64__)
             asm("" : "+v"(b[x]));  // keep b in a register: one load per k, not one per row
+#endif
         }
         for (int r = 0; r < R; r++) {
-            v16 a = splat(A[r * sai + k * sak]);
+            vf a = splat(A[r * sai + k * sak]);
             for (int x = 0; x < NV; x++) c[r][x] += a * b[x];
         }
     }
     for (int r = 0; r < R; r++)
-        for (int x = 0; x < NV; x++) *(v16*)(C + r * ldc + 16 * x) = c[r][x];
+        for (int x = 0; x < NV; x++) *(vf*)(C + r * ldc + VW * x) = c[r][x];
 }
 
 template <int R>
 static inline void tile_n(int nv, int K, const float* A, long sai, long sak, const float* B, long ldb, float* C,
                           long ldc, bool acc) {
-    if (nv == 4) tile<R, 4>(K, A, sai, sak, B, ldb, C, ldc, acc);
-    else if (nv == 3) tile<R, 3>(K, A, sai, sak, B, ldb, C, ldc, acc);
-    else if (nv == 2) tile<R, 2>(K, A, sai, sak, B, ldb, C, ldc, acc);
+    if constexpr (NVMAX == 4) {
+        if (nv == 4) return tile<R, 4>(K, A, sai, sak, B, ldb, C, ldc, acc);
+        if (nv == 3) return tile<R, 3>(K, A, sai, sak, B, ldb, C, ldc, acc);
+    }
+    if (nv == 2) tile<R, 2>(K, A, sai, sak, B, ldb, C, ldc, acc);
     else tile<R, 1>(K, A, sai, sak, B, ldb, C, ldc, acc);
 }
 
@@ -83,23 +100,23 @@ static void gemm(int M, int N, int K, const float* A, long sai, long sak, const 
                  long ldc, bool acc) {
     int m6 = M / 6;
     while ((M - 6 * m6) % 4) m6--;  // 6-row tiles, then 4-row tiles for the rest
-    for (int n = 0; n < N; n += 64) {
-        const int nv = N - n >= 64 ? 4 : (N - n) / 16;
+    for (int n = 0; n < N; n += NVMAX * VW) {
+        const int nv = N - n >= NVMAX * VW ? NVMAX : (N - n) / VW;
         int m = 0;
         for (; m < 6 * m6; m += 6) tile_n<6>(nv, K, A + m * sai, sai, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
         for (; m < M; m += 4) tile_n<4>(nv, K, A + m * sai, sai, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
     }
 }
 
-static inline float hsum(v16 x) {  // (order fixed: results do not depend on threads)
+static inline float hsum(vf x) {  // (order fixed: results do not depend on threads)
     float s = 0.f;
-    for (int i = 0; i < 16; i++) s += x[i];
+    for (int i = 0; i < VW; i++) s += x[i];
     return s;
 }
 
-static inline float hmax(v16 x) {
+static inline float hmax(vf x) {
     float s = x[0];
-    for (int i = 1; i < 16; i++) s = x[i] > s ? x[i] : s;
+    for (int i = 1; i < VW; i++) s = x[i] > s ? x[i] : s;
     return s;
 }
 
@@ -147,14 +164,14 @@ extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T
                 mask_block(S, nq4, nq, nk16, nk, i0, j0);
                 for (int i = 0; i < nq; i++) {
                     float* s = S + i * BK;
-                    v16 mx = splat(m[i]);
-                    for (int j = 0; j < nk16; j += 16) mx = *(v16*)(s + j) > mx ? *(v16*)(s + j) : mx;
+                    vf mx = splat(m[i]);
+                    for (int j = 0; j < nk16; j += VW) mx = *(vf*)(s + j) > mx ? *(vf*)(s + j) : mx;
                     const float m_new = hmax(mx);  // finite: key j0 <= query i0 + i is never masked
                     const float alpha = exp2f(m[i] - m_new);
-                    v16 sum = splat(0.f), mv = splat(m_new);
-                    for (int j = 0; j < nk16; j += 16) {
-                        v16 p = exp2v(*(v16*)(s + j) - mv);
-                        *(v16*)(s + j) = p;
+                    vf sum = splat(0.f), mv = splat(m_new);
+                    for (int j = 0; j < nk16; j += VW) {
+                        vf p = exp2v(*(vf*)(s + j) - mv);
+                        *(vf*)(s + j) = p;
                         sum += p;
                     }
                     l[i] = l[i] * alpha + hsum(sum);
@@ -223,13 +240,13 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
                     gemm(nq4, nk16, Dh, dOs, Dh, 1, vtp + j0, Tp, dP, BK, false);  // dP = dO v^T
                     mask_block(S, nq4, nq, nk16, nk, i0, j0);
                     for (int i = 0; i < nq4; i++) {
-                        const v16 lv = splat(Ls[i]), dl = splat(Dl[i]);
+                        const vf lv = splat(Ls[i]), dl = splat(Dl[i]);
                         float* s = S + i * BK;
                         float* dp = dP + i * BK;
-                        for (int j = 0; j < nk16; j += 16) {
-                            const v16 p = exp2v(*(v16*)(s + j) - lv);
-                            *(v16*)(s + j) = p;                           // P
-                            *(v16*)(dp + j) = p * (*(v16*)(dp + j) - dl);  // dS (natural-log units)
+                        for (int j = 0; j < nk16; j += VW) {
+                            const vf p = exp2v(*(vf*)(s + j) - lv);
+                            *(vf*)(s + j) = p;                           // P
+                            *(vf*)(dp + j) = p * (*(vf*)(dp + j) - dl);  // dS (natural-log units)
                         }
                     }
                     gemm(nk4, Dh, nq4, S, 1, BK, dOs, Dh, dVa + (long)j0 * Dh, Dh, true);    // dV += P^T dO
@@ -257,51 +274,51 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
 // x, out: (rows, C) contiguous; w: the effective weight (C) (Gemma's 1 + w is formed by the caller); rstd (rows)
 extern "C" void litft_rmsnorm_forward(int nthreads, long rows, int C, float eps, const float* x, const float* w,
                                       float* out, float* rstd) {
-    const int C16 = C & ~15;
+    const int Cv = C & ~(VW - 1);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < rows; r++) {
         const float* xr = x + r * C;
         float* orow = out + r * C;
-        v16 acc = splat(0.f);
-        for (int c = 0; c < C16; c += 16) {
-            const v16 a = *(const v16*)(xr + c);
+        vf acc = splat(0.f);
+        for (int c = 0; c < Cv; c += VW) {
+            const vf a = *(const vf*)(xr + c);
             acc += a * a;
         }
         float ss = hsum(acc);
-        for (int c = C16; c < C; c++) ss += xr[c] * xr[c];
+        for (int c = Cv; c < C; c++) ss += xr[c] * xr[c];
         const float rs = 1.f / sqrtf(ss / C + eps);
         rstd[r] = rs;
-        const v16 rv = splat(rs);
-        for (int c = 0; c < C16; c += 16) *(v16*)(orow + c) = *(const v16*)(w + c) * (*(const v16*)(xr + c) * rv);
-        for (int c = C16; c < C; c++) orow[c] = w[c] * (xr[c] * rs);
+        const vf rv = splat(rs);
+        for (int c = 0; c < Cv; c += VW) *(vf*)(orow + c) = *(const vf*)(w + c) * (*(const vf*)(xr + c) * rv);
+        for (int c = Cv; c < C; c++) orow[c] = w[c] * (xr[c] * rs);
     }
 }
 
 // dx = rstd (dy w) - x rstd^3 mean(dy w x): d/dx of w x rstd(x)
 extern "C" void litft_rmsnorm_backward(int nthreads, long rows, int C, const float* x, const float* w,
                                        const float* rstd, const float* dy, float* dx) {
-    const int C16 = C & ~15;
+    const int Cv = C & ~(VW - 1);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *xr = x + r * C, *dr = dy + r * C;
         float* o = dx + r * C;
         const float rs = rstd[r];
-        v16 acc = splat(0.f);
-        for (int c = 0; c < C16; c += 16) acc += *(const v16*)(dr + c) * *(const v16*)(w + c) * *(const v16*)(xr + c);
+        vf acc = splat(0.f);
+        for (int c = 0; c < Cv; c += VW) acc += *(const vf*)(dr + c) * *(const vf*)(w + c) * *(const vf*)(xr + c);
         float dot = hsum(acc);
-        for (int c = C16; c < C; c++) dot += dr[c] * w[c] * xr[c];
+        for (int c = Cv; c < C; c++) dot += dr[c] * w[c] * xr[c];
         const float k = rs * rs * rs * dot / C;
-        const v16 kv = splat(k), rv = splat(rs);
-        for (int c = 0; c < C16; c += 16)
-            *(v16*)(o + c) = rv * *(const v16*)(dr + c) * *(const v16*)(w + c) - *(const v16*)(xr + c) * kv;
-        for (int c = C16; c < C; c++) o[c] = rs * dr[c] * w[c] - xr[c] * k;
+        const vf kv = splat(k), rv = splat(rs);
+        for (int c = 0; c < Cv; c += VW)
+            *(vf*)(o + c) = rv * *(const vf*)(dr + c) * *(const vf*)(w + c) - *(const vf*)(xr + c) * kv;
+        for (int c = Cv; c < C; c++) o[c] = rs * dr[c] * w[c] - xr[c] * k;
     }
 }
 
 // ------------------------------------------------------------------------------------------ SwiGLU
-static inline v16 sigmoid(v16 g) {  // stable: e^-|g| never overflows
-    const v16 z = exp2v((g < 0 ? g : -g) * splat(1.4426950408889634f));
-    const v16 r = splat(1.f) / (splat(1.f) + z);
+static inline vf sigmoid(vf g) {  // stable: e^-|g| never overflows
+    const vf z = exp2v((g < 0 ? g : -g) * splat(1.4426950408889634f));
+    const vf r = splat(1.f) / (splat(1.f) + z);
     return g >= 0 ? r : z * r;
 }
 
@@ -312,26 +329,26 @@ static inline float sigmoid1(float g) {
 
 // out = silu(gate) * up over n contiguous elements
 extern "C" void litft_swiglu_forward(int nthreads, long n, const float* gate, const float* up, float* out) {
-    const long n16 = n / 16;
+    const long nv = n / VW;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (long i = 0; i < n16; i++) {
-        const v16 g = *(const v16*)(gate + 16 * i);
-        *(v16*)(out + 16 * i) = g * sigmoid(g) * *(const v16*)(up + 16 * i);
+    for (long i = 0; i < nv; i++) {
+        const vf g = *(const vf*)(gate + VW * i);
+        *(vf*)(out + VW * i) = g * sigmoid(g) * *(const vf*)(up + VW * i);
     }
-    for (long i = 16 * n16; i < n; i++) out[i] = gate[i] * sigmoid1(gate[i]) * up[i];
+    for (long i = VW * nv; i < n; i++) out[i] = gate[i] * sigmoid1(gate[i]) * up[i];
 }
 
 // d up = dy silu(g);  d gate = dy up silu'(g), silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g)
 extern "C" void litft_swiglu_backward(int nthreads, long n, const float* gate, const float* up, const float* dy,
                                       float* dgate, float* dup) {
-    const long n16 = n / 16;
+    const long nv = n / VW;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (long i = 0; i < n16; i++) {
-        const v16 g = *(const v16*)(gate + 16 * i), d = *(const v16*)(dy + 16 * i), s = sigmoid(g);
-        *(v16*)(dup + 16 * i) = d * g * s;
-        *(v16*)(dgate + 16 * i) = d * *(const v16*)(up + 16 * i) * s * (splat(1.f) + g * (splat(1.f) - s));
+    for (long i = 0; i < nv; i++) {
+        const vf g = *(const vf*)(gate + VW * i), d = *(const vf*)(dy + VW * i), s = sigmoid(g);
+        *(vf*)(dup + VW * i) = d * g * s;
+        *(vf*)(dgate + VW * i) = d * *(const vf*)(up + VW * i) * s * (splat(1.f) + g * (splat(1.f) - s));
     }
-    for (long i = 16 * n16; i < n; i++) {
+    for (long i = VW * nv; i < n; i++) {
         const float g = gate[i], s = sigmoid1(g);
         dup[i] = dy[i] * g * s;
         dgate[i] = dy[i] * up[i] * s * (1.f + g * (1.f - s));
