@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from litft import native
 from litft.models.gpt import CausalAttention, RMSNorm, SwiGLU, causal_attention
+from litft.utils import cpuinfo_field
 
 KERNEL = native.enabled()
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="no C++ compiler: litft's CPU kernels were not built")
@@ -215,3 +216,31 @@ def test_torch_path_is_the_same_math(monkeypatch):
         results.append((norm(x), SwiGLU.apply(gate, up)))
     for a, b in zip(results[0], results[-1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.skipif("avx2" not in cpuinfo_field("flags").split(), reason="needs an x86 CPU with AVX2")
+def test_avx2_build_matches_too(tmp_path, monkeypatch):
+    """The file also builds for AVX2-only CPUs (8-float vectors, smaller tiles; the reference machine of the
+    performance issue has no AVX-512) and computes the same attention and RMSNorm there."""
+    import ctypes
+    import shutil as sh
+
+    cxx = os.environ.get("CXX") or sh.which("g++") or sh.which("c++")
+    out = tmp_path / "kernels_avx2.so"
+    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in native.FLAGS]
+    subprocess.run([cxx, *flags, "-o", str(out), str(native.SOURCE)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(out))
+    native._declare(lib)
+    monkeypatch.setattr(native, "_LIB", lib)
+    q, k, v, grad = model_layout(1, 4, 2, 77, 96)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out_ = causal_attention(q, k, v)
+    out_.backward(grad)
+    ref, dq, dk, dv = reference(q, k, v, grad)
+    for got, want in [(out_, ref), (q.grad, dq), (k.grad, dk), (v.grad, dv)]:
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-5)
+    x = torch.randn(5, 40)
+    norm = RMSNorm(40, eps=1e-5)
+    _, _, ref_n = rmsnorm_reference(x, norm.weight, 1e-5, False)
+    torch.testing.assert_close(norm(x).double(), ref_n, atol=1e-5, rtol=1e-5)
