@@ -219,9 +219,8 @@ def child(args) -> None:
         m.train()
         opt, _ = m.configure_optimizers()
         model = m.model
-        from litft.cpu_kernels import onednn_enabled
-
         from litft import native
+        from litft.cpu_kernels import onednn_enabled
 
         path = ("litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric); fp32 CPU matmuls: "
                 + ("oneDNN" if onednn_enabled() else "torch (MKL)") + "; attention, RMSNorm, SwiGLU: "

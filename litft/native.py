@@ -159,6 +159,9 @@ def _packed(t: Tensor, transpose: bool) -> Tensor:
 
 
 def _check(rc: int, q: Tensor, k: Tensor) -> None:
+    if rc == 2:
+        raise MemoryError(f"litft attention kernel: out of memory for its work buffers (q {tuple(q.shape)}); "
+                          "use a smaller batch or sequence, or LITFT_CPU_KERNELS=torch")
     if rc != 0:
         raise RuntimeError(f"litft attention kernel rejected q {tuple(q.shape)}, k {tuple(k.shape)}")
 

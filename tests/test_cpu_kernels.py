@@ -81,6 +81,7 @@ def test_bad_env_value_is_one_cli_error_line(tmp_path):
     assert "litft: error: LITFT_CPU_MATMUL='fast'" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
 
+
 def test_small_products_stay_in_torch(monkeypatch):
     """Below MIN_MACS (oneDNN's per-shape kernel compilation would not pay off) it is torch's own matmul."""
     monkeypatch.setattr(matmul, "ONEDNN", True)

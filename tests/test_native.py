@@ -244,3 +244,14 @@ def test_avx2_build_matches_too(tmp_path, monkeypatch):
     norm = RMSNorm(40, eps=1e-5)
     _, _, ref_n = rmsnorm_reference(x, norm.weight, 1e-5, False)
     torch.testing.assert_close(norm(x).double(), ref_n, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_error_codes_become_one_clear_error():
+    """The kernel returns 1 for shapes it does not cover and 2 when its work buffers cannot be allocated;
+    each becomes one exception naming the problem (not a crash inside the C++ code)."""
+    q = torch.empty(1, 2, 3, 16)
+    with pytest.raises(MemoryError, match="out of memory.*LITFT_CPU_KERNELS=torch"):
+        native._check(2, q, q)
+    with pytest.raises(RuntimeError, match=r"rejected q \(1, 2, 3, 16\)"):
+        native._check(1, q, q)
+    native._check(0, q, q)

@@ -142,14 +142,21 @@ extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T
     if (Dh % 16 || Dh > MAXD || H % KV || Tp % BK || Tp < T) return 1;
     const int G = H / KV, nqb = (T + BQ - 1) / BQ;
     const float c = scale * 1.4426950408889634f;
+    int no_memory = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float* Qs = (float*)aligned_alloc(64, sizeof(float) * BQ * MAXD);
         float* Acc = (float*)aligned_alloc(64, sizeof(float) * BQ * MAXD);
         float* S = (float*)aligned_alloc(64, sizeof(float) * BQ * BK);
+        const bool ok = Qs && Acc && S;
+        if (!ok) {
+#pragma omp atomic write
+            no_memory = 1;
+        }
         float m[BQ], l[BQ];
 #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < (long)B * H * nqb; task++) {
+            if (!ok) continue;  // the caller gets code 2 and raises; outputs are discarded
             const int qb = nqb - 1 - (int)(task % nqb);  // the longest (last) query blocks first
             const int h = (int)(task / nqb % H), b = (int)(task / nqb / H), kh = h / G;
             const int i0 = qb * BQ, nq = T - i0 < BQ ? T - i0 : BQ, nq4 = (nq + 3) & ~3;
@@ -191,7 +198,7 @@ extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T
         }
         free(Qs), free(Acc), free(S);
     }
-    return 0;
+    return no_memory ? 2 : 0;  // 1: shapes outside the kernel; 2: no memory for its work buffers
 }
 
 extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int T, int Tp, int Dh, float scale,
@@ -202,6 +209,7 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
     const int G = H / KV, nqb = (T + BQ - 1) / BQ;
     const float c = scale * 1.4426950408889634f;
     const long HD = (long)H * Dh, KD = (long)KV * Dh;
+    int no_memory = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float* Qs = (float*)aligned_alloc(64, sizeof(float) * BQ * MAXD);
@@ -211,10 +219,16 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
         float* dP = (float*)aligned_alloc(64, sizeof(float) * BQ * BK);
         float* dKa = (float*)aligned_alloc(64, sizeof(float) * Tp * Dh);
         float* dVa = (float*)aligned_alloc(64, sizeof(float) * Tp * Dh);
+        const bool ok = Qs && dOs && dQa && S && dP && dKa && dVa;
+        if (!ok) {
+#pragma omp atomic write
+            no_memory = 1;
+        }
         float Dl[BQ], Ls[BQ];
         // one task per (batch, query head): it owns its dq rows and its head's partial dk, dv (no races)
 #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < (long)B * H; task++) {
+            if (!ok) continue;
             const int h = (int)(task % H), b = (int)(task / H), kh = h / G, g = h % G;
             const float* ktp = kt + ((long)b * KV + kh) * Dh * Tp;
             const float* kpp = kp + ((long)b * KV + kh) * Tp * Dh;
@@ -267,7 +281,7 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
         }
         free(Qs), free(dOs), free(dQa), free(S), free(dP), free(dKa), free(dVa);
     }
-    return 0;
+    return no_memory ? 2 : 0;  // 1: shapes outside the kernel; 2: no memory for its work buffers
 }
 
 // ------------------------------------------------------------------------------------------ RMSNorm
