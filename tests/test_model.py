@@ -221,7 +221,7 @@ def _grads(fn, inputs, grad_out):
 def test_hand_written_backwards_equal_autograd(rotary_fraction):
     """Rope, SwiGLU and RMSNormFunction save less for backward than autograd would; their outputs and
     gradients must equal autograd's through the plain formulas."""
-    from litft.models.gpt import RMSNormFunction, Rope, SwiGLU
+    from litft.models.fused import RMSNormFunction, Rope, SwiGLU
 
     torch.manual_seed(0)
     D = 16

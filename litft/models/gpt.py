@@ -5,6 +5,8 @@ The family differences (norm type, MLP type, biases, parallel residual, partial 
 scaling, tied head) are Config fields, not subclasses. Every projection an adapter may target is a
 plain `nn.Linear` named as in HF Llama (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
 down_proj, lm_head), so `litft/adapters` can wrap it by name and names map 1:1 onto HF/PEFT.
+The hand-written autograd Functions it calls (RoPE, SwiGLU, RMSNorm, causal attention, the fused head +
+cross-entropy: less kept for backward, litft's CPU kernels for fp32) live beside it in `fused.py`.
 """
 from __future__ import annotations
 
@@ -16,9 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from litft import native
-from litft.cpu_kernels import linear, mm
 from litft.models.config import Config
+from litft.models.fused import (  # noqa: F401  (CausalAttention: re-exported, tests/test_native.py imports it here)
+    CausalAttention,
+    LinearCrossEntropy,
+    RMSNormFunction,
+    Rope,
+    SwiGLU,
+    causal_attention,
+)
 
 
 class GPT(nn.Module):
@@ -128,28 +136,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA with is_causal=True (grouped kv heads allowed), through litft's fp32 CPU kernel where it applies."""
-    if native.attention_supported(q, k, v):
-        return CausalAttention.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
-class CausalAttention(torch.autograd.Function):
-    """litft's CPU flash attention (litft/csrc/kernels.cpp, ~1.8x SDPA's CPU kernel on a SmolLM2 layer). Like
-    SDPA's flash kernel it keeps q, k, v, the output and one log-sum-exp per row for backward."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, q, k, v, lse2 = native.attention_forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse2)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return native.attention_backward(*ctx.saved_tensors, grad)
-
-
 class GatedMLP(nn.Module):
     """SwiGLU / GeGLU: down(act(gate(x)) * up(x))."""
 
@@ -165,27 +151,6 @@ class GatedMLP(nn.Module):
         if self.act is F.silu:
             return self.down_proj(SwiGLU.apply(gate, up))
         return self.down_proj(self.act(gate) * up)
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, keeping only gate and up for backward (autograd also keeps silu(gate): one
-    more intermediate-sized tensor per layer, the largest activation of a Llama block)."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        if native.usable(gate, up):  # one pass instead of two (litft/native.py)
-            return native.swiglu_forward(gate, up)
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        if native.usable(gate, up, grad):
-            return native.swiglu_backward(gate, up, grad)
-        grad_up = F.silu(gate).mul_(grad)  # silu recomputed: one pass, instead of keeping it
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # torch's fused d silu / d gate
-        return grad_gate, grad_up
 
 
 class MLP(nn.Module):
@@ -220,43 +185,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return RMSNormFunction.apply(x, self.weight, self.eps, self.unit_offset)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm keeping only x and 1/rms for backward (autograd also keeps the normalised x: one more
-    hidden-sized tensor per norm); the normalised x is recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
-        ctx.unit_offset = unit_offset
-        if native.usable(x, weight):  # one pass instead of four (litft/native.py)
-            out, rstd = native.rmsnorm_forward(x, weight + 1.0 if unit_offset else weight, eps)
-            ctx.save_for_backward(x, weight, rstd)
-            return out
-        h = x.float()
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        if unit_offset:
-            return (h * rstd * (1.0 + weight.float())).type_as(x)
-        return weight * (h * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        scale = weight.float() + 1.0 if ctx.unit_offset else weight.float()
-        x_hat = None
-        if native.usable(x, scale, grad):
-            grad_x = native.rmsnorm_backward(x, scale, rstd, grad)
-        else:
-            x_hat = x.float() * rstd
-            g = grad.float() * scale
-            # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat))
-            grad_x = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # full fine-tuning trains the norms
-            x_hat = x.float() * rstd if x_hat is None else x_hat
-            grad_w = (grad.float() * x_hat).reshape(-1, x_hat.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None, None
 
 
 def make_norm(config: Config) -> nn.Module:
@@ -297,39 +225,6 @@ def rope_cos_sin(config: Config, position_ids: torch.Tensor, dtype: torch.dtype)
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin on the first rotary_dim channels (HF's convention)."""
     return Rope.apply(x, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # cos/sin repeat their first half (cat(freqs, freqs)), so with x = (x1, x2) per rotary half:
-    # out1 = x1 c - x2 s, out2 = x2 c + x1 s; written into one output, no temporaries of x's size.
-    half = cos.shape[-1] // 2
-    c, s = cos[..., :half], sin[..., :half]
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    out = torch.empty_like(x)
-    o1, o2 = out[..., :half], out[..., half : 2 * half]
-    torch.mul(x1, c, out=o1)
-    o1.addcmul_(x2, s, value=-1.0)
-    torch.mul(x2, c, out=o2)
-    o2.addcmul_(x1, s)
-    if 2 * half < x.shape[-1]:  # partial rotary (NeoX, Phi): the rest passes through
-        out[..., 2 * half :] = x[..., 2 * half :]
-    return out
-
-
-class Rope(torch.autograd.Function):
-    """Rotary embedding with a hand-written backward: the rotation is linear and orthogonal, so the
-    gradient is the inverse rotation (sin negated) and nothing but cos/sin is kept for backward
-    (autograd's version keeps q and k twice, ~12% of a Llama layer's saved activations)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
 
 
 def attention_mask(
@@ -413,36 +308,3 @@ def chunked_cross_entropy(
             total = total + chunk_loss(h_c, t_c)
     return total, n_tokens
 
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T + b, t_i), with d/dh (and d/dW, d/db when they train) computed in forward.
-
-    d loss / d logits = softmax(logits) - onehot(t) is known as soon as the loss is, so the forward
-    turns the chunk's logits into it in place and multiplies it out right away; backward only scales
-    the stored gradients by the incoming scalar. This saves the second head matmul a recomputing
-    checkpoint needs (the head is ~9% of a SmolLM2 step) and keeps one chunk x vocab fp32 buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-        logits = linear(h, weight, bias).float()
-        target_logits = logits.gather(1, targets.unsqueeze(1))
-        row_max = logits.amax(dim=1, keepdim=True)
-        probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
-        sums = probs.sum(dim=1, keepdim=True)
-        loss = (row_max + sums.log() - target_logits).sum()
-        grad_logits = probs.div_(sums)  # softmax ...
-        grad_logits.scatter_add_(1, targets.unsqueeze(1), grad_logits.new_full((len(targets), 1), -1.0))  # ... - onehot
-        grad_logits = grad_logits.to(h.dtype)
-        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        grad_h = mm(grad_logits, weight) if needs_h else None
-        grad_w = mm(grad_logits.t(), h) if needs_w else None
-        grad_b = grad_logits.sum(0) if needs_b and bias is not None else None
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None
