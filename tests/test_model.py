@@ -169,7 +169,7 @@ def test_fused_linear_cross_entropy_grads_equal_autograd(bias, frozen_weight):
     labels = torch.randint(0, 50, (3, 9))
     labels[0, :4] = -100
     loss_sum, n = chunked_cross_entropy(head, h, labels, chunk_size=5)
-    assert loss_sum.grad_fn.next_functions[1][0].name().startswith("LinearCrossEntropy")  # the fused path ran
+    assert loss_sum.grad_fn.name().startswith("LinearCrossEntropy")  # the fused path ran
     (loss_sum / n * 2.5).backward()
     params = [t for t in (h, head.weight, head.bias) if t is not None and t.requires_grad]
     fused = [t.grad.clone() for t in params]
@@ -180,6 +180,35 @@ def test_fused_linear_cross_entropy_grads_equal_autograd(bias, frozen_weight):
     assert torch.allclose(loss_sum / n * 2.5, ref, atol=1e-6)
     for a, t in zip(fused, params):
         assert torch.allclose(a, t.grad, atol=1e-6)
+
+
+def test_fused_cross_entropy_keeps_one_head_gradient_for_all_chunks():
+    """Full fine-tuning trains the head, and LinearCrossEntropy forms its gradient in forward: that gradient
+    must be kept once, not once per loss chunk (a Function per chunk kept 8 head-sized gradients here, 8x the
+    head's memory until backward; ~16 GB for Llama-3-8B at 8k targets). Counted with autograd's saved-tensor
+    hooks, which see every tensor any op or Function keeps for backward; the gradients must still be autograd's."""
+    from litft.models.gpt import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    h = torch.randn(2, 33, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 33))  # every position has a target: 2 x 32 = 64, 8 chunks of 8
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss_sum, n = chunked_cross_entropy(head, h, labels, chunk_size=8)
+    assert n == 64
+    assert [tuple(t.shape) for t in kept if t.shape == head.weight.shape] == [(50, 16)]
+    # all that waits for backward: one d/dh for the 64 targets, one d/dW, one d/db
+    assert sum(t.numel() for t in kept) <= 64 * 16 + 50 * 16 + 50
+    (loss_sum / n).backward()
+    fused = [t.grad.clone() for t in (h, head.weight, head.bias)]
+    for t in (h, head.weight, head.bias):
+        t.grad = None
+    ref = torch.nn.functional.cross_entropy(head(h)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    ref.backward()
+    torch.testing.assert_close(loss_sum / n, ref, atol=1e-6, rtol=1e-6)
+    for a, t in zip(fused, (h, head.weight, head.bias)):
+        torch.testing.assert_close(a, t.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_named_configs_build():

@@ -134,34 +134,45 @@ class Rope(torch.autograd.Function):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T + b, t_i), with d/dh (and d/dW, d/db when they train) computed in forward.
+    """sum_i CE(h_i W^T + b, t_i) over all target tokens, a chunk of rows at a time, with d/dh (and d/dW, d/db
+    when they train) computed in forward.
 
-    d loss / d logits = softmax(logits) - onehot(t) is known as soon as the loss is, so the forward
-    turns the chunk's logits into it in place and multiplies it out right away; backward only scales
-    the stored gradients by the incoming scalar. This saves the second head matmul a recomputing
-    checkpoint needs (the head is ~9% of a SmolLM2 step) and keeps one chunk x vocab fp32 buffer.
+    d loss / d logits = softmax(logits) - onehot(t) is known as soon as a chunk's loss is, so the forward
+    turns the chunk's logits into it in place and multiplies it out right away; backward only scales the
+    stored gradients by the incoming scalar. This saves the second head matmul a recomputing checkpoint needs
+    (the head is ~9% of a SmolLM2 step) and keeps one chunk x vocab fp32 buffer. The chunks' gradients go into
+    one buffer per input: one head-sized d/dW however many chunks (one Function per chunk kept one each).
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-        logits = linear(h, weight, bias).float()
-        target_logits = logits.gather(1, targets.unsqueeze(1))
-        row_max = logits.amax(dim=1, keepdim=True)
-        probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
-        sums = probs.sum(dim=1, keepdim=True)
-        loss = (row_max + sums.log() - target_logits).sum()
-        grad_logits = probs.div_(sums)  # softmax ...
-        grad_logits.scatter_add_(1, targets.unsqueeze(1), grad_logits.new_full((len(targets), 1), -1.0))  # ... - onehot
-        grad_logits = grad_logits.to(h.dtype)
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        grad_h = mm(grad_logits, weight) if needs_h else None
-        grad_w = mm(grad_logits.t(), h) if needs_w else None
-        grad_b = grad_logits.sum(0) if needs_b and bias is not None else None
+        grad_h = torch.empty_like(h) if needs_h else None
+        grad_w = grad_b = None
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, len(targets), chunk_size):
+            h_c, t_c = h[i : i + chunk_size], targets[i : i + chunk_size]
+            logits = linear(h_c, weight, bias).float()
+            target_logits = logits.gather(1, t_c.unsqueeze(1))
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
+            sums = probs.sum(dim=1, keepdim=True)
+            total = total + (row_max + sums.log() - target_logits).sum()
+            grad_logits = probs.div_(sums)  # softmax ...
+            grad_logits.scatter_add_(1, t_c.unsqueeze(1), grad_logits.new_full((len(t_c), 1), -1.0))  # ... - onehot
+            grad_logits = grad_logits.to(h.dtype)
+            if needs_h:
+                grad_h[i : i + chunk_size] = mm(grad_logits, weight)
+            if needs_w:  # accumulated in place: one head-sized buffer
+                grad_w = mm(grad_logits.t(), h_c) if grad_w is None else grad_w.addmm_(grad_logits.t(), h_c)
+            if needs_b and bias is not None:
+                grad_b = grad_logits.sum(0) if grad_b is None else grad_b.add_(grad_logits.sum(0))
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return loss
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None

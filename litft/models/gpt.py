@@ -280,9 +280,10 @@ def chunked_cross_entropy(
     hidden: (B, T, C) from `GPT(..., output="hidden")`; labels: (B, T) aligned with the inputs
     (-100 = no loss); position t predicts labels[t + 1]. Only positions with a target go through
     the head, in chunks, so at most one chunk x vocab of fp32 logits is alive at a time. A plain
-    `nn.Linear` head goes through `LinearCrossEntropy`, which forms the gradients in the forward pass
-    (no logits kept, none recomputed); any other head (LoRA on lm_head, a quantized head) has each
-    chunk's logits recomputed in backward (checkpoint).
+    `nn.Linear` head goes through `LinearCrossEntropy` (models/fused.py), which forms the gradients in the
+    forward pass (no logits kept, none recomputed; one head-sized d/dW whatever the number of chunks);
+    any other head (LoRA on lm_head, a quantized head) has each chunk's logits recomputed in backward
+    (checkpoint).
     """
     targets = labels[:, 1:].reshape(-1)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
@@ -292,7 +293,8 @@ def chunked_cross_entropy(
         return hidden.sum() * 0.0, 0  # keeps the graph connected for DDP; contributes nothing
     if n_tokens < keep.numel():
         h, targets = h[keep], targets[keep]
-    fused = type(head) is nn.Linear
+    if type(head) is nn.Linear and torch.is_grad_enabled():
+        return LinearCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size), n_tokens
 
     def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h_chunk).float(), t_chunk, reduction="sum")
@@ -300,9 +302,7 @@ def chunked_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, n_tokens, chunk_size):
         h_c, t_c = h[i : i + chunk_size], targets[i : i + chunk_size]
-        if fused and torch.is_grad_enabled():
-            total = total + LinearCrossEntropy.apply(h_c, head.weight, head.bias, t_c)
-        elif torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             total = total + checkpoint(chunk_loss, h_c, t_c, use_reentrant=False)
         else:
             total = total + chunk_loss(h_c, t_c)
