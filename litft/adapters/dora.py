@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from litft.adapters.lora import LoRALinear
-from litft.cpu_kernels import linear, mm
+from litft.adapters.lora import LoRALinear, LoRALinearFunction
 from litft.utils import LitftError
 
 __all__ = ["DoRALinear"]
@@ -38,6 +37,8 @@ _NORM_EPS = 1e-12  # a zero row (W_i = 0, B_i = 0) would give m / 0 = nan; with 
 
 class DoRALinear(LoRALinear):
     """A frozen Linear (plain or bitsandbytes-quantized) re-parametrised as magnitude x direction."""
+
+    method = "DoRA"
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False) -> None:
@@ -117,29 +118,17 @@ class DoRALinear(LoRALinear):
         return out if bias is None else out + bias
 
     # ------------------------------------------------------------------ merge
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W <- m * (W + s·B·A) / ||W + s·B·A|| in place (fp32 math, stored in the weight's dtype)."""
-        if self.merged:
-            raise RuntimeError("DoRA layer is already merged; call unmerge() first")
-        weight = self._mergeable_weight()
-        adapted = weight.float() + self.delta_weight().to(weight.device)
-        scale = self.lora_magnitude.float() / adapted.norm(dim=1).clamp_min(_NORM_EPS)
-        weight.copy_((adapted * scale[:, None]).to(weight.dtype))
-        self._merge_scale = scale
-        self.merged = True
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """m * (W + s·B·A) / ||W + s·B·A|| from the fp32 base weight; keeps m / n for `unmerged_weight`."""
+        adapted = weight + self.delta_weight().to(weight.device)
+        self._merge_scale = self.lora_magnitude.float() / adapted.norm(dim=1).clamp_min(_NORM_EPS)
+        return adapted * self._merge_scale[:, None]
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge() with the scale it used (exact up to the weight dtype's rounding)."""
-        if not self.merged:
-            raise RuntimeError("DoRA layer is not merged; nothing to unmerge")
-        weight = self._mergeable_weight()
-        original = weight.float() / self._merge_scale[:, None] - self.delta_weight().to(weight.device)
-        weight.copy_(original.to(weight.dtype))
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        """Undo `merged_weight` with the scale it used."""
+        original = weight / self._merge_scale[:, None] - self.delta_weight().to(weight.device)
         self._merge_scale = None
-        self.merged = False
-
+        return original
 
 
 class _Rescale(torch.autograd.Function):
@@ -168,46 +157,7 @@ class _Rescale(torch.autograd.Function):
         return grad * scale, grad_scale
 
 
-class DoRALinearFunction(torch.autograd.Function):
-    """``scale * (x W^T + s (x A^T) B^T) + b`` in one buffer, with hand-written backward.
-
-    The plain-Linear fast path of `DoRALinear.forward`: like `LoRALinearFunction` it keeps x and the thin
-    ``x A^T``, and like `_Rescale` it keeps the output instead of the pre-scale tensor for m's gradient
-    (pre = (out - b) / scale), so a DoRA layer saves what a LoRA layer saves plus its output, which the
-    next op mostly keeps anyway. No base-output, LoRA-output or pre-scale temporaries are made.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, scale: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = linear(x2, lora_A)
-        out = linear(x2, weight)
-        out.addmm_(xa, lora_B.t(), alpha=scaling).mul_(scale)
-        if bias is not None:
-            out.add_(bias)
-        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, xa, scale, out)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x2, weight, bias, lora_A, lora_B, xa, scale, out = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        need_x, need_w, need_b, need_a, need_bb, _, need_scale = ctx.needs_input_grad
-        grad_scale = None
-        if need_scale:  # sum_t g_t * pre_t, with pre = (out - b) / scale; a row with scale 0 gets no gradient
-            summed = (g * out).sum(0)
-            if bias is not None:
-                summed -= g.sum(0) * bias
-            grad_scale = torch.where(scale != 0, summed / scale, 0.0)
-        g_pre = g * scale
-        g_xa = mm(g_pre, lora_B).mul_(s)
-        grad_x = mm(g_pre, weight).addmm_(g_xa, lora_A).view(ctx.x_shape) if need_x else None
-        grad_w = mm(g_pre.t(), x2) if need_w else None
-        grad_bias = g.sum(0) if need_b and bias is not None else None
-        grad_a = mm(g_xa.t(), x2) if need_a else None
-        grad_b = mm(g_pre.t(), xa).mul_(s) if need_bb else None
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_scale
-
+class DoRALinearFunction(LoRALinearFunction):
+    """`LoRALinearFunction` given DoRA's scale: ``scale * (x W^T + s (x A^T) B^T) + b`` in one buffer, saving
+    what a LoRA layer saves plus its output, which the next op mostly keeps anyway. A subclass only so that
+    autograd graphs and profiles name DoRA's layers apart from LoRA's."""

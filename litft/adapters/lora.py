@@ -12,8 +12,9 @@ any module mapping in_features -> out_features works (plain ``nn.Linear``, bitsa
 ``Linear4bit`` / ``Linear8bitLt`` for QLoRA, ...). Only ``merge`` / ``unmerge`` need to
 touch the base weight, and they insist on a plain floating-point weight.
 
-Subclasses (DoRA, ...) are expected to override ``forward`` / ``delta_weight`` and can
-reuse the validation, init and merge bookkeeping here.
+Subclasses (DoRA, ...) override ``forward`` and ``merged_weight`` / ``unmerged_weight`` and
+reuse the validation, init, merge bookkeeping and the fused `LoRALinearFunction` (which takes
+DoRA's per-output scale) here.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _features(base_layer: nn.Module) -> tuple[int, int]:
 
 class LoRALinear(nn.Module):
     """A frozen ``base_layer`` plus a trainable low-rank update ``scaling * B @ A``."""
+
+    method = "LoRA"  # named in error messages
 
     def __init__(
         self,
@@ -157,22 +160,30 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``scaling * B @ A`` into the base weight in place (computed in fp32, stored
-        in the weight's dtype). Afterwards ``forward`` only runs the base layer."""
+        """Fold the update into the base weight in place (computed in fp32, stored in the weight's dtype):
+        `merged_weight`, ``W + scaling * B @ A`` for LoRA. Afterwards ``forward`` only runs the base layer."""
         if self.merged:
-            raise RuntimeError("LoRA layer is already merged; call unmerge() first")
+            raise RuntimeError(f"{self.method} layer is already merged; call unmerge() first")
         weight = self._mergeable_weight()
-        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        weight.copy_(self.merged_weight(weight.float()).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update again (exact up to the weight dtype's rounding)."""
+        """Take the update out again (exact up to the weight dtype's rounding): `unmerged_weight`."""
         if not self.merged:
-            raise RuntimeError("LoRA layer is not merged; nothing to unmerge")
+            raise RuntimeError(f"{self.method} layer is not merged; nothing to unmerge")
         weight = self._mergeable_weight()
-        weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        weight.copy_(self.unmerged_weight(weight.float()).to(weight.dtype))
         self.merged = False
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """The base weight (fp32) with the update folded in; subclasses (DoRA) fold in their own form."""
+        return weight + self.delta_weight().to(weight.device)
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        """The inverse of `merged_weight`, on the merged fp32 weight."""
+        return weight - self.delta_weight().to(weight.device)
 
     def extra_repr(self) -> str:
         return (
@@ -190,35 +201,48 @@ class LoRALinearFunction(torch.autograd.Function):
     (tokens x out) output, and in backward another multiply over the output gradient and an add of the
     two input gradients. Here the scaling goes onto the thin (tokens x r) tensors and both additions
     happen inside the matmuls (``addmm_``), so only x and ``x A^T`` are saved.
+
+    With a per-output ``scale`` (DoRA's ``m / ||W + s B A||``, see `litft/adapters/dora.py`) it computes
+    ``scale * (x W^T + s (x A^T) B^T) + b`` in the same buffer and also keeps the output: m's gradient needs
+    the pre-scale tensor, which is ``(out - b) / scale``.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float) -> Tensor:
+                scaling: float, scale: Tensor | None = None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xa = linear(x2, lora_A)  # (tokens, r)
-        out = linear(x2, weight, bias)
+        out = linear(x2, weight, bias if scale is None else None)
         out.addmm_(xa, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
+        if scale is not None:  # DoRA: rescale, then add the bias (not rescaled)
+            out.mul_(scale)
+            if bias is not None:
+                out.add_(bias)
+        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, xa, scale, None if scale is None else out)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        x2, weight, bias, lora_A, lora_B, xa, scale, out = ctx.saved_tensors
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        g_xa = mm(g, lora_B).mul_(s)  # (tokens, r): d loss / d (x A^T)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x:
-            grad_x = mm(g, weight).addmm_(g_xa, lora_A).view(ctx.x_shape)
-        if need_w:
-            grad_w = mm(g.t(), x2)
-        if need_b and ctx.has_bias:
-            grad_bias = g.sum(0)
-        if need_a:
-            grad_a = mm(g_xa.t(), x2)
-        if need_bb:
-            grad_b = mm(g.t(), xa).mul_(s)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        grad_scale = None
+        if scale is None:
+            g_pre = g  # d loss / d (x W^T + s (x A^T) B^T)
+        else:
+            if ctx.needs_input_grad[6]:  # sum_t g_t * pre_t, pre = (out - b) / scale; a row with scale 0 gets none
+                summed = (g * out).sum(0)
+                if bias is not None:
+                    summed -= g.sum(0) * bias
+                grad_scale = torch.where(scale != 0, summed / scale, 0.0)
+            g_pre = g * scale
+        g_xa = mm(g_pre, lora_B).mul_(s)  # (tokens, r): d loss / d (x A^T)
+        grad_x = mm(g_pre, weight).addmm_(g_xa, lora_A).view(ctx.x_shape) if need_x else None
+        grad_w = mm(g_pre.t(), x2) if need_w else None
+        grad_bias = g.sum(0) if need_b and bias is not None else None
+        grad_a = mm(g_xa.t(), x2) if need_a else None
+        grad_b = mm(g_pre.t(), xa).mul_(s) if need_bb else None
+        grads = (grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_scale)
+        return grads[: len(ctx.needs_input_grad)]  # LoRA passes no scale: 6 inputs
