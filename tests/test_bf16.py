@@ -124,6 +124,27 @@ def test_linear_cross_entropy():
     check(fused, reference, [bf16_leaf(2, 21, C, scale=2.0), head.weight, head.bias], out_dtype=torch.float32)
 
 
+def test_linear_cross_entropy_under_autocast():
+    """bf16-mixed: fp32 weights, matmuls autocast to bf16 inside the Function, several chunks accumulating into
+    one head gradient (in-place ops are not autocast: the accumulation must cast as autocast does)."""
+    torch.manual_seed(0)
+    V, C = 96, 32
+    head = nn.Linear(C, V)
+    labels = torch.randint(0, V, (2, 21))
+
+    def fused(h, *params):
+        with torch.autocast("cpu", dtype=BF16):
+            loss, n = chunked_cross_entropy(head, h, labels, chunk_size=8)
+        assert loss.grad_fn.name() == "LinearCrossEntropyBackward" and n == 40  # 5 chunks
+        return loss
+
+    def reference(h, w, b):
+        return F.cross_entropy(h[:, :-1].reshape(-1, C) @ w.t() + b, labels[:, 1:].reshape(-1), reduction="sum")
+
+    check(fused, reference, [(torch.randn(2, 21, C) * 2).requires_grad_(), head.weight, head.bias],
+          out_dtype=torch.float32)
+
+
 # ------------------------------------------------------------------ the adapters' Functions (litft/adapters)
 def test_lora_fused():
     """LoRALinearFunction, base weight and bias trained too (all five gradients)."""

@@ -165,7 +165,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             if needs_h:
                 grad_h[i : i + chunk_size] = mm(grad_logits, weight)
             if needs_w:  # accumulated in place: one head-sized buffer
-                grad_w = mm(grad_logits.t(), h_c) if grad_w is None else grad_w.addmm_(grad_logits.t(), h_c)
+                if grad_w is None:
+                    grad_w = mm(grad_logits.t(), h_c)
+                else:  # under autocast that mm ran in bf16, and in-place ops are not autocast: cast as it would
+                    grad_w.addmm_(grad_logits.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
             if needs_b and bias is not None:
                 grad_b = grad_logits.sum(0) if grad_b is None else grad_b.add_(grad_logits.sum(0))
         ctx.save_for_backward(grad_h, grad_w, grad_b)
