@@ -211,6 +211,8 @@ def _build(cxx: str, out: Path) -> None:
 
 def _load() -> ctypes.CDLL:
     """Build (if needed), check and load the kernels; raises _Unavailable saying why not."""
+    if not hasattr(os, "getuid"):
+        raise _Unavailable("the kernel cache's owner checks need a POSIX system (no os.getuid here)")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise _Unavailable("could not be built: no C++ compiler found (install g++, or set CXX)")

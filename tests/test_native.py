@@ -24,6 +24,7 @@ from litft.models.gpt import CausalAttention, RMSNorm, SwiGLU, causal_attention
 KERNEL = native.enabled()  # builds into the session's temporary LITFT_CACHE_DIR (tests/conftest.py), not ~/.cache
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="no C++ compiler: litft's CPU kernels were not built")
 ROOT = Path(__file__).resolve().parents[1]
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")  # the compiler litft builds with
 
 
 def reference(q, k, v, grad):
@@ -184,7 +185,7 @@ def planted_library(path: Path, marker: Path) -> None:
     """A shared object whose constructor creates `marker` when it is loaded: code litft must never run."""
     src = path.with_suffix(".c")
     src.write_text(PLANTED)
-    subprocess.run(["g++", "-x", "c", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(path), str(src)],
+    subprocess.run([CXX, "-x", "c", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(path), str(src)],
                    check=True, capture_output=True)
     src.unlink()
 
@@ -192,7 +193,7 @@ def planted_library(path: Path, marker: Path) -> None:
 def copying_compiler(tmp_path: Path, sleep: float = 0) -> Path:
     """A stand-in for g++ (cheap on a shared CI machine): it logs each run, waits `sleep` s, and "builds" by
     copying the session's real build (so what it makes is a working library)."""
-    good = native.library_path(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
+    good = native.library_path(CXX)
     script = tmp_path / "copying-cxx"
     script.write_text(textwrap.dedent(f"""\
         #!/bin/sh
@@ -376,12 +377,10 @@ def test_avx2_build_matches_too(tmp_path, monkeypatch):
     """The file also builds for AVX2-only CPUs (8-float vectors, smaller tiles; the reference machine of the
     performance issue has no AVX-512) and computes the same attention and RMSNorm there."""
     import ctypes
-    import shutil as sh
 
-    cxx = os.environ.get("CXX") or sh.which("g++") or sh.which("c++")
     out = tmp_path / "kernels_avx2.so"
     flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in native.FLAGS]
-    subprocess.run([cxx, *flags, "-o", str(out), str(native.SOURCE)], check=True, capture_output=True)
+    subprocess.run([CXX, *flags, "-o", str(out), str(native.SOURCE)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(out))
     native._declare(lib)
     monkeypatch.setattr(native, "_LIB", lib)
