@@ -8,7 +8,9 @@ faster than MKL's on every shape of a SmolLM2 LoRA step, in isolation, and the s
 MKL's memory (its step speed was within the host's noise; ``benchmarks/README.md``). It is plain fp32
 (no reduced-precision ``fp32_precision`` mode): results agree with MKL's to fp32 rounding.
 
-So: oneDNN on non-Intel x86 CPUs, MKL (torch's default) elsewhere. ``LITFT_CPU_MATMUL=onednn`` or
+So: oneDNN on non-Intel x86 CPUs, MKL (torch's default) elsewhere. The vendor is the first word of the CPU name
+torch's cpuinfo reports (``torch.cpu.get_capabilities()["cpu_name"]``: "AMD EPYC", "Intel Xeon ..."); a torch
+without that mapping, or a CPU without a name, counts as unknown and keeps MKL. ``LITFT_CPU_MATMUL=onednn`` or
 ``=torch`` overrides the choice. Only products of 2-D fp32 CPU tensors large enough to repay oneDNN's
 per-shape kernel compilation (``MIN_MACS``), outside autograd (inside our functions' forward/backward), take
 this path; everything else is plain torch.
@@ -17,13 +19,23 @@ this path; everything else is plain torch.
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 from torch import Tensor
 
-from litft.utils import LitftError, cpuinfo_field
+from litft.utils import LitftError
 
 __all__ = ["mm", "linear", "use_onednn", "onednn_enabled"]
+
+
+def cpu_vendor() -> str:
+    """'Intel', 'AMD', ... for x86 CPUs as torch's cpuinfo names them; '' where unknown (another architecture, no
+    name, or a torch before torch.cpu.get_capabilities)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return ""
+    name = str(getattr(torch.cpu, "get_capabilities", dict)().get("cpu_name", ""))
+    return name.split()[0] if name.strip() else ""
 
 
 def _onednn_works() -> bool:
@@ -44,7 +56,7 @@ def _choose() -> bool:
         raise LitftError(f"LITFT_CPU_MATMUL={choice!r}: use 'auto', 'onednn' or 'torch' (or unset it)")
     if choice == "torch":
         return False
-    if choice == "auto" and cpuinfo_field("vendor_id") in ("GenuineIntel", ""):
+    if choice == "auto" and cpu_vendor() in ("Intel", ""):
         return False  # MKL's own fast path; oneDNN is not expected to beat it there (not measured)
     return _onednn_works()
 

@@ -11,7 +11,27 @@ Build: on first use, once per machine and source version, with the system C++ co
 -march=native -fopenmp``, ~2 s) into ``$LITFT_CACHE_DIR/kernels`` (default ``~/.cache/litft/kernels``), loaded
 with ``ctypes``. The kernels run on torch's OpenMP thread pool (torch's libgomp is already loaded) with
 ``torch.get_num_threads()`` threads. No compiler, or a failed build: litft warns once and uses torch's ops.
-``LITFT_CPU_KERNELS=torch`` always uses torch's ops; ``=litft`` makes a failed build an error.
+``LITFT_CPU_KERNELS=torch`` always uses torch's ops; ``=litft`` makes unavailable kernels an error, raised on
+every use.
+
+Loading a shared object runs its code, so the cache is trusted only as far as this user controls it:
+- the cache directory and everything above it must not be writable by anyone else (directories owned by this
+  user or root; a group/world-writable one only with the sticky bit, like /tmp), and the two directories litft
+  uses must be this user's own (they are created 0700). Otherwise the kernels are refused: one warning and
+  torch's ops, or a LitftError under ``LITFT_CPU_KERNELS=litft`` -- never a load.
+- a library is loaded only if it is a regular file owned by this user, not group/world-writable, and its sha256
+  matches the one recorded beside it (``kernels-<key>.so.sha256``) when it was built. Anything else found there
+  is not loaded: litft says why and rebuilds it.
+- builds take a file lock (``filelock``, released by the OS if a process dies), so N ranks or test workers
+  starting together run the compiler once and the others load the result.
+The cache key covers the source, compiler, flags, machine architecture and the CPU's features as torch detects
+them (a shared home directory across different machines never hands one a binary built for another's CPU).
+
+Why not ``torch.utils.cpp_extension.load``: it builds *and* loads in one call, so a library already in its build
+directory is dlopen'ed (constructor run) before any check of ours -- ninja only compares timestamps, and a
+planted newer ``.so`` was loaded when tried; its FileBaton lock is an O_EXCL file that a killed build leaves
+behind, after which every later process waits forever; and it links this plain-C library against libtorch
+and needs ninja. The build below uses the same compiler flags as before (``FLAGS``), so the speed is unchanged.
 
 Only fp32 CPU tensors take these paths (see `usable`); everything else is torch. Each wrapper here takes and
 returns tensors; the autograd functions around them live in ``litft/models/gpt.py``.
@@ -22,16 +42,18 @@ import ctypes
 import hashlib
 import math
 import os
+import platform
 import shutil
+import stat
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
+import filelock
 import torch
 from torch import Tensor
 
-from litft.utils import LitftError, cpuinfo_field
+from litft.utils import LitftError, atomic_path
 
 __all__ = ["kernels_choice", "enabled", "usable", "attention_supported", "attention_forward", "attention_backward",
            "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward"]
@@ -40,9 +62,15 @@ SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BLOCK = 64  # the attention kernel's key block: packed keys/values are zero-padded to a multiple of it
 MAX_HEAD_DIM = 256
+LOCK_TIMEOUT = 600  # seconds to wait for another process's build (one takes ~2 s; g++ itself times out at 300)
 
 _LIB: ctypes.CDLL | None = None
+_UNAVAILABLE: str | None = None  # why they could not be loaded: LITFT_CPU_KERNELS=litft raises it on every use
 _TRIED = False
+
+
+class _Unavailable(Exception):
+    """The kernels cannot be used here; the message says why and what to do."""
 
 
 def kernels_choice() -> str:
@@ -53,19 +81,163 @@ def kernels_choice() -> str:
     return choice
 
 
-def _build(cxx: str, out: Path) -> None:
-    """Compile SOURCE into `out` atomically (parallel processes may build at once; the last rename wins)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+# ------------------------------------------------------------------------------------------ the cache
+def cache_dir() -> Path:
+    """$LITFT_CACHE_DIR, else ~/.cache/litft: per user by default (never a shared place such as /tmp)."""
+    if os.environ.get("LITFT_CACHE_DIR"):
+        return Path(os.environ["LITFT_CACHE_DIR"]).expanduser().absolute()
     try:
-        p = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-        if p.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {p.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
+        return Path.home().absolute() / ".cache" / "litft"
+    except RuntimeError as e:  # no HOME and no passwd entry
+        raise _Unavailable(f"no home directory for the kernel cache ({e}): set LITFT_CACHE_DIR") from e
+
+
+def _writable_by_others(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _private_dirs(root: Path, leaf: Path) -> None:
+    """Create `root` and `leaf` (below it) mode 0700 where missing; refuse a chain another user could change."""
+    uid = os.getuid()
+    for d in reversed([leaf, *leaf.parents]):
+        if not d.exists():
+            try:
+                d.mkdir(mode=0o700)
+            except FileExistsError:
+                pass  # another process made it meanwhile; checked below like any other
+            except OSError as e:
+                raise _Unavailable(f"cannot create the cache directory {d} ({e.strerror}); set LITFT_CACHE_DIR to "
+                                   "a directory of yours") from e
+    for d in (root, leaf):
+        st = d.stat()
+        wrong = ([f"owned by uid {st.st_uid}, not you"] if st.st_uid != uid else []) + \
+                (["writable by others"] if _writable_by_others(st) else [])
+        if wrong:
+            raise _Unavailable(f"the cache directory {d} is {' and '.join(wrong)} "
+                               f"(mode {stat.S_IMODE(st.st_mode):o}), so another user could plant code litft would "
+                               f"run: `chmod 700 {d}` if it is yours, or set LITFT_CACHE_DIR to a directory only "
+                               "you can write")
+    # the literal path and the real one (symlinks followed): each directory a name is looked up in
+    for d in dict.fromkeys([*root.parents, *root.resolve().parents]):
+        st = d.stat()
+        if st.st_uid not in (uid, 0) or (_writable_by_others(st) and not st.st_mode & stat.S_ISVTX):
+            raise _Unavailable(f"the cache directory {root} lies under {d}, which another user can change "
+                               f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); set LITFT_CACHE_DIR "
+                               "to a directory only you can write")
+
+
+def _cpu_key() -> list[str]:
+    """What -march=native depends on, as torch detects it: architecture, ATen's capability level, CPU name and
+    instruction-set features (torch.cpu.get_capabilities, where this torch has it)."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    features = sorted(name for name, value in caps.items() if value is True)
+    return [platform.machine(), torch.backends.cpu.get_cpu_capability(), str(caps.get("cpu_name", "")), *features]
+
+
+def library_path(cxx: str) -> Path:
+    """Where the build for this source, compiler, flag set and CPU lives (one file per combination)."""
+    key = "\n".join([SOURCE.read_text(), cxx, *FLAGS, *_cpu_key()])
+    return cache_dir() / "kernels" / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _digest_path(lib_path: Path) -> Path:
+    return lib_path.with_name(lib_path.name + ".sha256")
+
+
+def _sha256(fd: int) -> str:
+    h = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _owned_file_problem(path: Path, fd: int) -> str | None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path.name} is not a regular file"
+    if st.st_uid != os.getuid():
+        return f"{path.name} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if _writable_by_others(st):
+        return f"{path.name} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _problem(lib_path: Path) -> str | None:
+    """None when `lib_path` is this user's build, unchanged since; else what is wrong with it."""
+    digest_path = _digest_path(lib_path)
+    try:
+        fd = os.open(digest_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return f"{digest_path.name} (its recorded sha256) is missing or unreadable"
+    try:
+        problem = _owned_file_problem(digest_path, fd)
+        recorded = os.read(fd, 256).decode(errors="replace").strip()
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.close(fd)
+    if problem:
+        return problem
+    try:
+        fd = os.open(lib_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        return f"{lib_path.name} cannot be opened ({e.strerror})"
+    try:
+        problem = _owned_file_problem(lib_path, fd)
+        if problem:
+            return problem
+        if _sha256(fd) != recorded:
+            return f"{lib_path.name} does not match the sha256 recorded when litft built it"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _build(cxx: str, out: Path) -> None:
+    """Compile SOURCE into `out` and record its sha256 beside it (atomically: a reader sees whole files)."""
+    with atomic_path(out) as tmp:
+        try:
+            p = subprocess.run([cxx, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                               timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise _Unavailable(f"could not be built: {e}") from e
+        if p.returncode != 0:
+            raise _Unavailable(f"could not be built: {cxx} failed: {p.stderr.strip()[-2000:]}")
+        with open(tmp, "rb") as f:
+            digest = _sha256(f.fileno())
+    os.chmod(out, 0o755)  # atomic_path's umask-based mode could leave it group-writable (umask 002)
+    with atomic_path(_digest_path(out)) as tmp:
+        tmp.write_text(digest + "\n")
+    os.chmod(_digest_path(out), 0o644)
+
+
+def _load() -> ctypes.CDLL:
+    """Build (if needed), check and load the kernels; raises _Unavailable saying why not."""
+    if not hasattr(os, "getuid"):
+        raise _Unavailable("the kernel cache's owner checks need a POSIX system (no os.getuid here)")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise _Unavailable("could not be built: no C++ compiler found (install g++, or set CXX)")
+    try:
+        lib_path = library_path(cxx)
+        _private_dirs(cache_dir(), lib_path.parent)
+        with filelock.FileLock(str(lib_path) + ".lock", timeout=LOCK_TIMEOUT):
+            problem = _problem(lib_path)
+            if problem is not None:
+                if os.path.lexists(lib_path) or os.path.lexists(_digest_path(lib_path)):
+                    warnings.warn(f"litft: not loading {lib_path} ({problem}); rebuilding it", stacklevel=4)
+                _build(cxx, lib_path)
+                problem = _problem(lib_path)
+                if problem is not None:
+                    raise _Unavailable(f"the fresh build at {lib_path} failed its check: {problem}")
+            lib = ctypes.CDLL(str(lib_path))  # under the lock: no other process replaces it between check and load
+    except filelock.Timeout as e:
+        raise _Unavailable(f"waited {LOCK_TIMEOUT} s for another process building into {e.lock_file}") from e
+    except OSError as e:  # an unreadable cache directory, or dlopen's error
+        raise _Unavailable(f"could not be loaded: {e}") from e
+    try:
+        _declare(lib)
+    except AttributeError as e:
+        raise _Unavailable(f"{lib_path} lacks a kernel ({e})") from e
+    return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -81,33 +253,23 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on the first call; None where they are switched off or cannot be built."""
-    global _LIB, _TRIED
-    if _TRIED:
-        return _LIB
-    _TRIED = True
-    if kernels_choice() == "torch":
+    """The loaded kernels, built on the first call; None where they are switched off or unavailable (with one
+    warning), or a LitftError on every call under LITFT_CPU_KERNELS=litft when they are unavailable."""
+    global _LIB, _TRIED, _UNAVAILABLE
+    choice = kernels_choice()
+    if choice == "torch":
         return None
-    try:
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        if cxx is None:
-            raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
-        # a new source, compiler, flag set or CPU (-march=native) gets its own build
-        key = "\n".join([SOURCE.read_text(), cxx, *FLAGS, cpuinfo_field("flags")])
-        key = hashlib.sha256(key.encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("LITFT_CACHE_DIR") or Path.home() / ".cache" / "litft")
-        lib_path = cache / "kernels" / f"kernels-{key}.so"
-        if not lib_path.exists():
-            _build(cxx, lib_path)
-        lib = ctypes.CDLL(str(lib_path))
-        _declare(lib)
-    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
-        if kernels_choice() == "litft":
-            raise LitftError(f"LITFT_CPU_KERNELS=litft but litft's CPU kernels could not be built: {e}") from e
-        warnings.warn(f"litft: CPU kernels unavailable ({e}); using torch's ops instead", stacklevel=3)
-        return None
-    _LIB = lib
-    return lib
+    if not _TRIED:
+        _TRIED = True
+        try:
+            _LIB = _load()
+        except _Unavailable as e:
+            _UNAVAILABLE = str(e)
+            if choice == "auto":
+                warnings.warn(f"litft: CPU kernels unavailable ({e}); using torch's ops instead", stacklevel=3)
+    if _LIB is None and choice == "litft":
+        raise LitftError(f"LITFT_CPU_KERNELS=litft but litft's CPU kernels are unavailable: {_UNAVAILABLE}")
+    return _LIB
 
 
 def enabled() -> bool:

@@ -26,7 +26,7 @@ from litft.data.base import DataModule
 from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.tokenizer import Tokenizer
-from litft.utils import LitftError, atomic_write_text, cpuinfo_field
+from litft.utils import LitftError, atomic_write_text
 
 
 @dataclass
@@ -83,8 +83,10 @@ def default_precision() -> str:
 
 
 def cpu_bf16_units() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    return bool(set(cpuinfo_field("flags").split()) & {"avx512_bf16", "amx_bf16"})  # not Linux: "" -> False
+    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX), as torch's cpuinfo detects it
+    (any OS; False on a torch before torch.cpu.get_capabilities, and on other architectures)."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def finetune(

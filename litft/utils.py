@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, a one-line error type for the CLI, /proc/cpuinfo."""
+"""Small shared helpers: atomic file writes, a one-line error type for the CLI."""
 from __future__ import annotations
 
 import os
@@ -6,17 +6,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-
-def cpuinfo_field(name: str) -> str:
-    """The value of the first `name : value` line of /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == name:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 class LitftError(Exception):

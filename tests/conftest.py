@@ -1,10 +1,17 @@
 """Fixtures shared by several test files."""
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import make_checkpoint, make_task
+
+# No test builds litft's CPU kernels into the real ~/.cache: one private temporary cache for the session, set
+# here (before test modules are imported: test_native builds at import) and inherited by CLI subprocesses.
+KERNEL_CACHE = tempfile.TemporaryDirectory(prefix="litft-test-cache-")
+os.environ["LITFT_CACHE_DIR"] = KERNEL_CACHE.name
 
 
 @pytest.fixture

@@ -88,3 +88,23 @@ def test_small_products_stay_in_torch(monkeypatch):
     a, b = torch.randn(64, 48), torch.randn(48, 40)
     assert 64 * 48 * 40 < matmul.MIN_MACS
     assert torch.equal(matmul.mm(a, b), torch.mm(a, b))
+
+
+def _proc_cpuinfo(field: str) -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.split(":", 1)[0].strip() == field:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or not _proc_cpuinfo("vendor_id"),
+                    reason="checked against Linux x86's /proc/cpuinfo")
+def test_torch_cpu_detection_agrees_with_proc_cpuinfo():
+    """litft reads the CPU vendor and bf16 units from torch (any OS); on Linux x86 they agree with the kernel's
+    /proc/cpuinfo, which litft parsed before (so the oneDNN choice and the bf16 note are unchanged here)."""
+    from litft.train import cpu_bf16_units
+
+    vendor = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(_proc_cpuinfo("vendor_id"))
+    if vendor is not None:
+        assert matmul.cpu_vendor() == vendor
+    assert cpu_bf16_units() == bool({"avx512_bf16", "amx_bf16"} & set(_proc_cpuinfo("flags").split()))

@@ -1,11 +1,17 @@
 """litft.native: litft's compiled fp32 CPU kernels against float64 references -- causal attention vs SDPA
 (outputs and q/k/v gradients), RMSNorm vs its formula (HF's), SwiGLU vs silu(gate) * up -- their fallbacks to
-torch, and the LITFT_CPU_KERNELS switch."""
+torch, the LITFT_CPU_KERNELS switch, and the kernel cache: never a library this user did not build or one changed
+since (planted, tampered, or in a directory others can write), and one compiler run for processes starting
+together."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,11 +20,11 @@ import torch.nn.functional as F
 
 from litft import native
 from litft.models.gpt import CausalAttention, RMSNorm, SwiGLU, causal_attention
-from litft.utils import cpuinfo_field
 
-KERNEL = native.enabled()
+KERNEL = native.enabled()  # builds into the session's temporary LITFT_CACHE_DIR (tests/conftest.py), not ~/.cache
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="no C++ compiler: litft's CPU kernels were not built")
 ROOT = Path(__file__).resolve().parents[1]
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")  # the compiler litft builds with
 
 
 def reference(q, k, v, grad):
@@ -64,12 +70,14 @@ def test_matches_float64_reference(B, H, KV, T, D):
 @needs_kernel
 def test_contiguous_inputs_and_thread_counts_agree():
     """(B, H, T, D)-contiguous inputs (no model layout) give the same result; one thread gives the same
-    bits as several (each output row and gradient row is summed by one task in a fixed order)."""
+    bits as several (each output row and gradient row is summed by one task in a fixed order). At least two
+    threads even on a one-core machine, so 1 is never compared with 1."""
     q, k, v, grad = model_layout(2, 6, 2, 150, 64, seed=1)
     outs = []
     threads = torch.get_num_threads()
+    many = max(2, threads)
     try:
-        for n, contiguous in [(threads, False), (1, False), (threads, True)]:
+        for n, contiguous in [(many, False), (1, False), (many, True)]:
             torch.set_num_threads(n)
             leaves = [(t.contiguous() if contiguous else t).detach().requires_grad_() for t in (q, k, v)]
             out = CausalAttention.apply(*leaves)
@@ -128,8 +136,13 @@ def test_env_switch(tmp_path):
 def test_builds_into_the_cache_dir(tmp_path):
     p = _run(PROBE, LITFT_CACHE_DIR=str(tmp_path))
     assert p.returncode == 0 and p.stdout.split() == ["True", "True"], p.stderr
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1 and built[0].name.startswith("kernels-")
+    # with its sha256 beside it, readable by all but writable only by its owner; the directory private
+    digest = built[0].with_name(built[0].name + ".sha256").read_text().strip()
+    assert digest == hashlib.sha256(built[0].read_bytes()).hexdigest()
+    assert stat.S_IMODE(built[0].stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "kernels").stat().st_mode) == 0o700
 
 
 def test_without_a_compiler_warns_once_and_uses_sdpa(tmp_path):
@@ -139,6 +152,16 @@ def test_without_a_compiler_warns_once_and_uses_sdpa(tmp_path):
     # asked for explicitly, a failed build is an error naming the problem
     p = _run(PROBE, CXX=str(tmp_path / "no-such-compiler"), LITFT_CACHE_DIR=str(tmp_path), LITFT_CPU_KERNELS="litft")
     assert p.returncode != 0 and "could not be built" in p.stderr and "no-such-compiler" in p.stderr
+    # ... on every use, not only the first (a later call must not fall back to torch's ops silently)
+    p = _run(EVERY_USE, CXX=str(tmp_path / "no-such-compiler"), LITFT_CACHE_DIR=str(tmp_path),
+             LITFT_CPU_KERNELS="litft")
+    assert p.returncode == 0 and p.stdout.split() == ["LitftError"] * 3, (p.stdout, p.stderr)
+
+
+EVERY_USE = ("import torch; from litft import native\n"
+             "for _ in range(3):\n"
+             "    try: native.usable(torch.ones(1)); print('no-error')\n"
+             "    except Exception as e: print(type(e).__name__)")
 
 
 def test_bad_env_value_is_one_cli_error_line(tmp_path):
@@ -149,6 +172,130 @@ def test_bad_env_value_is_one_cli_error_line(tmp_path):
     assert p.returncode == 1, p.stderr[-2000:]
     assert "litft: error: LITFT_CPU_KERNELS='fast'" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ the kernel cache
+PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE* f = fopen(MARKER, "w"); if (f) fclose(f); }
+"""
+
+
+def planted_library(path: Path, marker: Path) -> None:
+    """A shared object whose constructor creates `marker` when it is loaded: code litft must never run."""
+    src = path.with_suffix(".c")
+    src.write_text(PLANTED)
+    subprocess.run([CXX, "-x", "c", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(path), str(src)],
+                   check=True, capture_output=True)
+    src.unlink()
+
+
+def copying_compiler(tmp_path: Path, sleep: float = 0) -> Path:
+    """A stand-in for g++ (cheap on a shared CI machine): it logs each run, waits `sleep` s, and "builds" by
+    copying the session's real build (so what it makes is a working library)."""
+    good = native.library_path(CXX)
+    script = tmp_path / "copying-cxx"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo run >> {tmp_path / "cxx.log"}
+        sleep {sleep}
+        while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done
+        cp {good} "$out"
+        """))
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh private cache with the copying compiler; returns where litft will look for the library."""
+    cxx = copying_compiler(tmp_path)
+    monkeypatch.setenv("LITFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(cxx))
+    lib_path = native.library_path(str(cxx))
+    native._private_dirs(tmp_path / "cache", lib_path.parent)
+    return lib_path
+
+
+def _record_digest(lib_path: Path) -> None:
+    lib_path.with_name(lib_path.name + ".sha256").write_text(hashlib.sha256(lib_path.read_bytes()).hexdigest())
+
+
+@needs_kernel
+@pytest.mark.parametrize("how", ["owned by another user", "group-writable", "world-writable"])
+def test_a_library_planted_by_someone_else_is_not_loaded(cache, tmp_path, how):
+    """A .so another user put in the cache (or one others could have rewritten) never runs, even with a
+    correct sha256 beside it: litft says why, rebuilds, and loads its own build."""
+    if how == "owned by another user" and os.getuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    marker = tmp_path / "MARKER"
+    planted_library(cache, marker)
+    _record_digest(cache)
+    if how == "owned by another user":
+        os.chown(cache, 4321, 4321)
+    else:
+        cache.chmod(0o775 if how == "group-writable" else 0o757)
+    why = "owned by uid 4321" if how == "owned by another user" else "writable by others"
+    with pytest.warns(UserWarning, match=why):
+        lib = native._load()
+    assert not marker.exists()
+    assert lib.litft_attention_forward is not None and cache.stat().st_uid == os.getuid()
+    assert (tmp_path / "cxx.log").read_text().count("run") == 1  # rebuilt
+
+
+@needs_kernel
+def test_a_tampered_library_is_not_loaded(cache, tmp_path):
+    """litft's own build, later replaced by other bytes (its recorded sha256 no longer matches), never runs."""
+    native._build(os.environ["CXX"], cache)
+    marker = tmp_path / "MARKER"
+    planted_library(cache, marker)  # same owner and mode: only the content differs
+    with pytest.warns(UserWarning, match="does not match the sha256 recorded"):
+        lib = native._load()
+    assert not marker.exists() and lib.litft_attention_forward is not None
+    # and with no recorded sha256 at all
+    planted_library(cache, marker)
+    cache.with_name(cache.name + ".sha256").unlink()
+    with pytest.warns(UserWarning, match="sha256.*missing"):
+        native._load()
+    assert not marker.exists()
+
+
+def test_a_cache_dir_others_can_write_is_refused(tmp_path):
+    """One clear line naming the directory and the fix, and nothing built or loaded there: a warning and
+    torch's ops by default, a LitftError (one CLI line, no traceback) under LITFT_CPU_KERNELS=litft."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    p = _run(PROBE, LITFT_CACHE_DIR=str(shared))
+    assert p.returncode == 0 and p.stdout.split() == ["False", "False"], p.stderr
+    assert p.stderr.count("CPU kernels unavailable") == 1 and f"the cache directory {shared} is writable by others" \
+        in p.stderr and "chmod 700" in p.stderr and "Traceback" not in p.stderr
+    assert not list(shared.rglob("*.so"))
+    # a directory inside one others can write (no sticky bit): they could swap it for their own
+    p = _run(PROBE, LITFT_CACHE_DIR=str(shared / "mine"))
+    assert p.stdout.split() == ["False", "False"] and f"lies under {shared}, which another user can change" in p.stderr
+    cmd = [sys.executable, "-m", "litft.cli", "finetune", "lora", "--config", "config_hub/finetune/demo/lora.yaml",
+           "--out_dir", str(tmp_path / "out"), "--train.max_steps", "1"]
+    p = subprocess.run(cmd, env=dict(os.environ, LITFT_CPU_KERNELS="litft", LITFT_CACHE_DIR=str(shared)),
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"litft: error: LITFT_CPU_KERNELS=litft but litft's CPU kernels are unavailable: the cache directory " \
+        f"{shared} is writable by others" in p.stderr
+    assert not list(shared.rglob("*.so"))
+
+
+@needs_kernel
+def test_processes_building_at_once_run_the_compiler_once(tmp_path):
+    """Two processes starting together on an empty cache: one builds (a slow compiler), the other waits on the
+    file lock and loads that build; both get working kernels."""
+    cxx = copying_compiler(tmp_path, sleep=4)
+    env = dict(os.environ, CXX=str(cxx), LITFT_CACHE_DIR=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.split() == ["True", "True"], err
+    assert (tmp_path / "cxx.log").read_text().count("run") == 1
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm, SwiGLU
@@ -204,32 +351,36 @@ def test_swiglu_matches_float64_reference(shape):
 
 
 def test_torch_path_is_the_same_math(monkeypatch):
-    """With the kernels off (LITFT_CPU_KERNELS=torch, or no compiler) RMSNorm and SwiGLU run torch's ops and agree
-    with the kernels to fp32 rounding."""
+    """With the kernels off (LITFT_CPU_KERNELS=torch, or no compiler) RMSNorm and SwiGLU run torch's ops: they
+    match the float64 formulas, as the kernels do (so the two paths agree to fp32 rounding)."""
     g = torch.Generator().manual_seed(1)
     x, gate, up = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
     norm = RMSNorm(64, eps=1e-6)
-    results = []
-    for kernels in ([True, False] if KERNEL else [False]):
-        if not kernels:
-            monkeypatch.setattr(native, "usable", lambda *t: False)
-        results.append((norm(x), SwiGLU.apply(gate, up)))
-    for a, b in zip(results[0], results[-1]):
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+    _, _, norm_ref = rmsnorm_reference(x, norm.weight, 1e-6, False)
+    swiglu_ref = F.silu(gate.double()) * up.double()
+    results = {}
+    for path in (["litft", "torch"] if KERNEL else ["torch"]):
+        monkeypatch.setenv("LITFT_CPU_KERNELS", path)
+        assert native.usable(x) == (path == "litft")
+        results[path] = (norm(x), SwiGLU.apply(gate, up))
+        torch.testing.assert_close(results[path][0].double(), norm_ref.detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(results[path][1].double(), swiglu_ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(results["torch"], results.get("litft", results["torch"])):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @needs_kernel
-@pytest.mark.skipif("avx2" not in cpuinfo_field("flags").split(), reason="needs an x86 CPU with AVX2")
+@pytest.mark.skipif(not getattr(torch.cpu, "get_capabilities", dict)().get("avx2"), reason="needs an x86 CPU with AVX2")
 def test_avx2_build_matches_too(tmp_path, monkeypatch):
     """The file also builds for AVX2-only CPUs (8-float vectors, smaller tiles; the reference machine of the
     performance issue has no AVX-512) and computes the same attention and RMSNorm there."""
     import ctypes
-    import shutil as sh
 
-    cxx = os.environ.get("CXX") or sh.which("g++") or sh.which("c++")
     out = tmp_path / "kernels_avx2.so"
     flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in native.FLAGS]
-    subprocess.run([cxx, *flags, "-o", str(out), str(native.SOURCE)], check=True, capture_output=True)
+    subprocess.run([CXX, *flags, "-o", str(out), str(native.SOURCE)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(out))
     native._declare(lib)
     monkeypatch.setattr(native, "_LIB", lib)
@@ -246,12 +397,20 @@ def test_avx2_build_matches_too(tmp_path, monkeypatch):
     torch.testing.assert_close(norm(x).double(), ref_n, atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
 def test_kernel_error_codes_become_one_clear_error():
     """The kernel returns 1 for shapes it does not cover and 2 when its work buffers cannot be allocated;
-    each becomes one exception naming the problem (not a crash inside the C++ code)."""
-    q = torch.empty(1, 2, 3, 16)
+    each becomes one exception naming the problem (not a crash inside the C++ code). Both come from the real
+    kernel: a head size it does not tile (8), and an empty batch over 2^31 - 64 tokens, whose per-thread
+    (tokens x 256)-float key/value gradient buffers (2 TiB each) cannot be allocated (nothing is read)."""
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(RuntimeError, match=r"rejected q \(1, 2, 3, 8\)"):
+        native.attention_forward(q, q, q)
+    if Path("/proc/sys/vm/overcommit_memory").exists() and \
+            Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("vm.overcommit_memory=1: a 2 TiB allocation would succeed")
+    T = 2**31 - 64
+    q, lse2 = torch.empty(0, 2, T, 256), torch.empty(0, 2, T)
+    out = torch.empty(0, T, 2, 256).transpose(1, 2)
     with pytest.raises(MemoryError, match="out of memory.*LITFT_CPU_KERNELS=torch"):
-        native._check(2, q, q)
-    with pytest.raises(RuntimeError, match=r"rejected q \(1, 2, 3, 16\)"):
-        native._check(1, q, q)
-    native._check(0, q, q)
+        native.attention_backward(q, q, q, out, lse2, q)
