@@ -1,15 +1,20 @@
 """litft checkpoint directories: `model.safetensors` (litft names) + `model_config.yaml` + tokenizer files.
 
 Safetensors only, so loading never unpickles anything. Every file is written to a temp name and
-renamed into place, so a failure never leaves a half-written checkpoint.
+renamed into place, so a failure never leaves a half-written checkpoint. Every safetensors file litft writes
+carries a SHA-256 of its tensors in its header (`DIGEST_KEY`), checked whenever it is read whole: a file
+changed after it was written (a flipped bit in a downloaded adapter, a bad disk) is refused, not loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -19,7 +24,9 @@ from litft.utils import LitftError, atomic_path
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.yaml"
+METHOD_CONFIG = "method_config.yaml"  # in a run directory (out_dir/final, step-N): the method's class and init args
 LITFT_FORMAT = {"format": "pt", "litft": "1"}  # safetensors header metadata marking litft names
+DIGEST_KEY = "litft_sha256"  # header metadata: tensors_digest() of the file's tensors
 
 
 def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
@@ -35,14 +42,37 @@ def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
     return d
 
 
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of each tensor, in the order given (callers sort by name)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        _digest_update(h, name, t)
+    return h.hexdigest()
+
+
+def _digest_update(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
+    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one safetensors file, one at a time; a truncated/corrupt file gives a LitftError."""
+    """Tensors of one safetensors file, one at a time, by name; a truncated or corrupt file, or one whose tensors
+    no longer match the digest litft wrote into it, gives a LitftError (the digest is checked after the last
+    tensor, so read the file whole before using what it holds)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+            expected = (f.metadata() or {}).get(DIGEST_KEY)
+            h = hashlib.sha256() if expected else None
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name)
+                if h is not None:
+                    _digest_update(h, name, t)
+                yield name, t
     except (SafetensorError, OSError, RuntimeError) as e:
         raise LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    if h is not None and h.hexdigest() != expected:
+        raise LitftError(f"{path}: the tensors do not match the checksum written with them: the file was corrupted or "
+                         "modified after litft saved it; do not use it (re-download or re-create it)")
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
@@ -54,7 +84,9 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    """Write `tensors` atomically, with their digest in the header (see the module docstring)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}
+    metadata = {**(metadata or {}), DIGEST_KEY: tensors_digest(tensors.items())}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -118,6 +150,50 @@ def load_model(
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model
+
+
+def read_method_config(run_dir: Path | str) -> dict[str, Any]:
+    """`method_config.yaml` of a run directory, checked for shape: {class_path: str, init_args: mapping}. Plain
+    data only (yaml.safe_load): what it names is looked up by `litft.methods.run_dir`, never imported."""
+    run_dir = Path(run_dir)
+    path = run_dir / METHOD_CONFIG
+    if not path.is_file():
+        raise LitftError(f"{run_dir}: no {METHOD_CONFIG}; expected the `final/` (or `step-N/`) directory of a "
+                         "litft finetune run (a PEFT adapter directory is read with `litft import_peft`)")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LitftError(f"{path}: not valid YAML ({' '.join(str(e).split())}); the run directory is damaged") from e
+    if (not isinstance(cfg, dict) or not isinstance(cfg.get("class_path"), str)
+            or not isinstance(cfg.setdefault("init_args", {}), dict)):
+        raise LitftError(f"{path}: expected a mapping with a `class_path` string and an `init_args` mapping")
+    return cfg
+
+
+def run_base_dir(run_dir: Path | str, init_args: dict[str, Any], checkpoint_dir: Path | str | None = None) -> Path:
+    """The base model of a run directory: `checkpoint_dir` if given, else the one the run records; an error that
+    names --checkpoint_dir when that is not there (the run was made elsewhere, or the base has moved)."""
+    if checkpoint_dir is not None:
+        return check_checkpoint_dir(checkpoint_dir)
+    recorded = init_args.get("checkpoint_dir")
+    if not isinstance(recorded, str) or not Path(recorded).is_dir():
+        raise LitftError(f"{run_dir}: the base model this run was trained from ({recorded}) is not there; pass its "
+                         "location with --checkpoint_dir")
+    return check_checkpoint_dir(recorded)
+
+
+def load_torch_file(path: Path, mmap: bool = False) -> Any:
+    """A PyTorch `.bin` / `.pt` file through torch's weights-only unpickler: tensors, numbers, strings and plain
+    containers. A pickle that asks for anything else (a class to build, a function to call: code) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise LitftError(f"{path}: refused: it holds Python objects other than tensors and plain data (a pickle that "
+                         "could run code when loaded); litft reads PyTorch files weights-only. Use a safetensors "
+                         "version of it, or re-save it with tensors only") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LitftError(f"{path}: cannot read this PyTorch file (truncated or corrupt?): {first}") from None
 
 
 def read_json(path: Path) -> dict:
