@@ -11,12 +11,13 @@ import hashlib
 import json
 import pickle
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from litft.models.config import Config
 from litft.models.gpt import GPT
@@ -55,32 +56,51 @@ def _digest_update(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def _open(path: Path):
+    return safe_open(str(path), framework="pt")
+
+
+def _unreadable(path: Path, e: Exception) -> LitftError:
+    return LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {' '.join(str(e).split())}")
+
+
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError)
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """(name -> shape, metadata) of a safetensors file, from its header alone (no tensor data is read)."""
+    try:
+        with _open(path) as f:
+            return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file (not checksummed: only a whole-file read can check the digest)."""
+    try:
+        with _open(path) as f:
+            return f.get_tensor(name)
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+
+
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one safetensors file, one at a time, by name; a truncated or corrupt file, or one whose tensors
     no longer match the digest litft wrote into it, gives a LitftError (the digest is checked after the last
-    tensor, so read the file whole before using what it holds)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            expected = (f.metadata() or {}).get(DIGEST_KEY)
-            h = hashlib.sha256() if expected else None
-            for name in sorted(f.keys()):
-                t = f.get_tensor(name)
-                if h is not None:
-                    _digest_update(h, name, t)
-                yield name, t
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    tensor, so read the file whole before using what it holds). The file is opened per tensor: a handle kept
+    open keeps every page it has read resident, which over a whole checkpoint is the full model in memory."""
+    shapes, metadata = safetensors_header(path)
+    expected = metadata.get(DIGEST_KEY)
+    h = hashlib.sha256() if expected else None
+    for name in sorted(shapes):
+        t = read_tensor(path, name)
+        if h is not None:
+            _digest_update(h, name, t)
+        yield name, t
     if h is not None and h.hexdigest() != expected:
         raise LitftError(f"{path}: the tensors do not match the checksum written with them: the file was corrupted or "
                          "modified after litft saved it; do not use it (re-download or re-create it)")
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
@@ -136,19 +156,39 @@ def load_state_dict(checkpoint_dir: Path | str) -> dict[str, torch.Tensor]:
 
 def load_model(
     checkpoint_dir: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-    config: Config | None = None,
+    config: Config | None = None, prepare: Callable[[GPT], None] | None = None,
+    place: Callable[[GPT, str, torch.Tensor], bool] | None = None,
 ) -> GPT:
-    """Build the GPT of a litft checkpoint and load its weights (optionally cast to `dtype`)."""
+    """Build the GPT of a litft checkpoint and load its weights (floating ones cast to `dtype` if given).
+
+    The model is made on the meta device, names and shapes are checked against the config from the file's header
+    before any data is read, and the tensors stream in one at a time onto `device`. Two hooks let a caller change
+    layers on the way (QLoRA, `adapters/quantize.py`): `prepare(model)` runs on the empty model, and
+    `place(model, name, tensor)` may install a tensor itself (e.g. quantized) and return True."""
     d = check_checkpoint_dir(checkpoint_dir)
     config = config or Config.from_checkpoint(d)
-    sd = load_state_dict(d)
-    validate_state_dict(config, {k: v.shape for k, v in sd.items()}, d / WEIGHTS)
+    path = d / WEIGHTS
+    validate_state_dict(config, safetensors_header(path)[0], path)
     with torch.device("meta"):
         model = GPT(config)
-    sd = {k: v.to(device=device, dtype=dtype if (dtype and v.is_floating_point()) else v.dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)
-    if config.tie_embeddings:
+    if prepare is not None:
+        prepare(model)
+    for key, tensor in iter_safetensors(path):
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if place is None or not place(model, key, tensor):
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            old = getattr(module, attr)
+            value = tensor.to(device)
+            setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad)
+                    if isinstance(old, nn.Parameter) else value)
+        del tensor
+    if config.tie_embeddings and model.lm_head.weight.is_meta:  # (a quantized embedding installs its own head)
         model.lm_head.weight = model.embed.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a bug in a loader, not in the user's input
+        raise RuntimeError(f"tensors not materialised after loading {path}: {left[:4]}")
     return model
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from litft.checkpoint import (METHOD_CONFIG, WEIGHTS, check_checkpoint_dir, iter_safetensors, read_method_config,
-                              save_safetensors)
+                              read_tensor, safetensors_header, save_safetensors)
 from litft.models.config import Config
 from litft.models.gpt import GPT
 from litft.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
@@ -141,14 +140,10 @@ def base_weight_reader(checkpoint_dir: Path | str) -> Callable[[str], Tensor]:
     path = check_checkpoint_dir(checkpoint_dir) / WEIGHTS
 
     def read(module: str) -> Tensor:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                key = f"{module}.weight"
-                if key not in f.keys() and module == "lm_head":
-                    key = "embed.weight"  # a tied head is stored as the embedding
-                return f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise LitftError(f"{path}: cannot read the base weight of {module}: {e}") from e
+        name = f"{module}.weight"
+        if module == "lm_head" and name not in safetensors_header(path)[0]:
+            name = "embed.weight"  # a tied head is stored as the embedding
+        return read_tensor(path, name)
 
     return read
 
