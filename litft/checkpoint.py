@@ -1,17 +1,23 @@
 """litft checkpoint directories: `model.safetensors` (litft names) + `model_config.yaml` + tokenizer files.
 
 Safetensors only, so loading never unpickles anything. Every file is written to a temp name and
-renamed into place, so a failure never leaves a half-written checkpoint.
+renamed into place, so a failure never leaves a half-written checkpoint. Every safetensors file litft writes
+carries a SHA-256 of its tensors in its header (`DIGEST_KEY`), checked whenever it is read whole: a file
+changed after it was written (a flipped bit in a downloaded adapter, a bad disk) is refused, not loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from litft.models.config import Config
 from litft.models.gpt import GPT
@@ -19,7 +25,9 @@ from litft.utils import LitftError, atomic_path
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.yaml"
+METHOD_CONFIG = "method_config.yaml"  # in a run directory (out_dir/final, step-N): the method's class and init args
 LITFT_FORMAT = {"format": "pt", "litft": "1"}  # safetensors header metadata marking litft names
+DIGEST_KEY = "litft_sha256"  # header metadata: tensors_digest() of the file's tensors
 
 
 def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
@@ -35,26 +43,70 @@ def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
     return d
 
 
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of each tensor, in the order given (callers sort by name)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        _digest_update(h, name, t)
+    return h.hexdigest()
+
+
+def _digest_update(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
+    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _open(path: Path):
+    return safe_open(str(path), framework="pt")
+
+
+def _unreadable(path: Path, e: Exception) -> LitftError:
+    return LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {' '.join(str(e).split())}")
+
+
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError)
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """(name -> shape, metadata) of a safetensors file, from its header alone (no tensor data is read)."""
+    try:
+        with _open(path) as f:
+            return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file (not checksummed: only a whole-file read can check the digest)."""
+    try:
+        with _open(path) as f:
+            return f.get_tensor(name)
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+
+
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one safetensors file, one at a time; a truncated/corrupt file gives a LitftError."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    """Tensors of one safetensors file, one at a time, by name; a truncated or corrupt file, or one whose tensors
+    no longer match the digest litft wrote into it, gives a LitftError (the digest is checked after the last
+    tensor, so read the file whole before using what it holds). The file is opened per tensor: a handle kept
+    open keeps every page it has read resident, which over a whole checkpoint is the full model in memory."""
+    shapes, metadata = safetensors_header(path)
+    expected = metadata.get(DIGEST_KEY)
+    h = hashlib.sha256() if expected else None
+    for name in sorted(shapes):
+        t = read_tensor(path, name)
+        if h is not None:
+            _digest_update(h, name, t)
+        yield name, t
+    if h is not None and h.hexdigest() != expected:
+        raise LitftError(f"{path}: the tensors do not match the checksum written with them: the file was corrupted or "
+                         "modified after litft saved it; do not use it (re-download or re-create it)")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    """Write `tensors` atomically, with their digest in the header (see the module docstring)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}
+    metadata = {**(metadata or {}), DIGEST_KEY: tensors_digest(tensors.items())}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -104,20 +156,84 @@ def load_state_dict(checkpoint_dir: Path | str) -> dict[str, torch.Tensor]:
 
 def load_model(
     checkpoint_dir: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-    config: Config | None = None,
+    config: Config | None = None, prepare: Callable[[GPT], None] | None = None,
+    place: Callable[[GPT, str, torch.Tensor], bool] | None = None,
 ) -> GPT:
-    """Build the GPT of a litft checkpoint and load its weights (optionally cast to `dtype`)."""
+    """Build the GPT of a litft checkpoint and load its weights (floating ones cast to `dtype` if given).
+
+    The model is made on the meta device, names and shapes are checked against the config from the file's header
+    before any data is read, and the tensors stream in one at a time onto `device`. Two hooks let a caller change
+    layers on the way (QLoRA, `adapters/quantize.py`): `prepare(model)` runs on the empty model, and
+    `place(model, name, tensor)` may install a tensor itself (e.g. quantized) and return True."""
     d = check_checkpoint_dir(checkpoint_dir)
     config = config or Config.from_checkpoint(d)
-    sd = load_state_dict(d)
-    validate_state_dict(config, {k: v.shape for k, v in sd.items()}, d / WEIGHTS)
+    path = d / WEIGHTS
+    validate_state_dict(config, safetensors_header(path)[0], path)
     with torch.device("meta"):
         model = GPT(config)
-    sd = {k: v.to(device=device, dtype=dtype if (dtype and v.is_floating_point()) else v.dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)
-    if config.tie_embeddings:
+    if prepare is not None:
+        prepare(model)
+    for key, tensor in iter_safetensors(path):
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if place is None or not place(model, key, tensor):
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            old = getattr(module, attr)
+            value = tensor.to(device)
+            setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad)
+                    if isinstance(old, nn.Parameter) else value)
+        del tensor
+    if config.tie_embeddings and model.lm_head.weight.is_meta:  # (a quantized embedding installs its own head)
         model.lm_head.weight = model.embed.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a bug in a loader, not in the user's input
+        raise RuntimeError(f"tensors not materialised after loading {path}: {left[:4]}")
     return model
+
+
+def read_method_config(run_dir: Path | str) -> dict[str, Any]:
+    """`method_config.yaml` of a run directory, checked for shape: {class_path: str, init_args: mapping}. Plain
+    data only (yaml.safe_load): what it names is looked up by `litft.methods.run_dir`, never imported."""
+    run_dir = Path(run_dir)
+    path = run_dir / METHOD_CONFIG
+    if not path.is_file():
+        raise LitftError(f"{run_dir}: no {METHOD_CONFIG}; expected the `final/` (or `step-N/`) directory of a "
+                         "litft finetune run (a PEFT adapter directory is read with `litft import_peft`)")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LitftError(f"{path}: not valid YAML ({' '.join(str(e).split())}); the run directory is damaged") from e
+    if (not isinstance(cfg, dict) or not isinstance(cfg.get("class_path"), str)
+            or not isinstance(cfg.setdefault("init_args", {}), dict)):
+        raise LitftError(f"{path}: expected a mapping with a `class_path` string and an `init_args` mapping")
+    return cfg
+
+
+def run_base_dir(run_dir: Path | str, init_args: dict[str, Any], checkpoint_dir: Path | str | None = None) -> Path:
+    """The base model of a run directory: `checkpoint_dir` if given, else the one the run records; an error that
+    names --checkpoint_dir when that is not there (the run was made elsewhere, or the base has moved)."""
+    if checkpoint_dir is not None:
+        return check_checkpoint_dir(checkpoint_dir)
+    recorded = init_args.get("checkpoint_dir")
+    if not isinstance(recorded, str) or not Path(recorded).is_dir():
+        raise LitftError(f"{run_dir}: the base model this run was trained from ({recorded}) is not there; pass its "
+                         "location with --checkpoint_dir")
+    return check_checkpoint_dir(recorded)
+
+
+def load_torch_file(path: Path, mmap: bool = False) -> Any:
+    """A PyTorch `.bin` / `.pt` file through torch's weights-only unpickler: tensors, numbers, strings and plain
+    containers. A pickle that asks for anything else (a class to build, a function to call: code) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise LitftError(f"{path}: refused: it holds Python objects other than tensors and plain data (a pickle that "
+                         "could run code when loaded); litft reads PyTorch files weights-only. Use a safetensors "
+                         "version of it, or re-save it with tensors only") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LitftError(f"{path}: cannot read this PyTorch file (truncated or corrupt?): {first}") from None
 
 
 def read_json(path: Path) -> dict:

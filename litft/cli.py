@@ -11,42 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import docstring_parser
-
 from litft.utils import LitftError
 
 _RUN_EXCLUDE = ("method",)
 
 
-def _param_docs(fn: Callable) -> dict[str, str]:
-    doc = inspect.getdoc(fn) or ""
-    if doc.startswith("Args:"):  # the Google-style parser needs a summary line first
-        doc = "-\n\n" + doc
-    return {p.arg_name: p.description or "" for p in docstring_parser.parse(doc).params}
-
-
-def method_parameters(cls: type) -> tuple[list[inspect.Parameter], dict[str, str]]:
-    """Init parameters of a method class and its bases, following `**kwargs` up the MRO."""
-    params: dict[str, inspect.Parameter] = {}
-    docs: dict[str, str] = {}
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        sig = inspect.signature(klass.__init__, eval_str=True)
-        for p in list(sig.parameters.values())[1:]:
-            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in params:
-                continue
-            params[p.name] = p.replace(kind=p.KEYWORD_ONLY)
-        for k, v in _param_docs(klass.__init__).items():
-            docs.setdefault(k, v)
-        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-            break
-    # required (no default) first, so the combined signature is valid
-    ordered = sorted(params.values(), key=lambda p: p.default is not inspect.Parameter.empty)
-    return ordered, docs
-
-
 def init_args_of(obj: Any) -> dict[str, Any]:
+    from litft.methods.base import method_parameters
+
     params, _ = method_parameters(type(obj))
     return {p.name: getattr(obj, p.name) for p in params if hasattr(obj, p.name)}
 
@@ -69,12 +41,13 @@ def to_yaml_value(value: Any) -> Any:
 
 
 def finetune_command(method_cls: type) -> Callable[..., Any]:
+    from litft.methods.base import function_docs, method_parameters
     from litft.train import finetune
 
     run_sig = inspect.signature(finetune, eval_str=True)
     run_params = [p.replace(kind=p.KEYWORD_ONLY) for n, p in run_sig.parameters.items() if n not in _RUN_EXCLUDE]
     m_params, m_docs = method_parameters(method_cls)
-    docs = {**_param_docs(finetune), **m_docs}
+    docs = {**function_docs(finetune), **m_docs}
     run_names = {p.name for p in run_params}
 
     def command(**kwargs: Any) -> dict[str, float]:
@@ -109,7 +82,7 @@ def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: P
             trained against. Runs on a full-precision base ignore it.
     """
     from litft.checkpoint import save_checkpoint
-    from litft.methods.base import load_method
+    from litft.methods.run_dir import load_method
 
     if merge_into not in ("original", "dequantized"):
         raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
@@ -127,16 +100,10 @@ def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: P
 
 
 def _finetune_methods() -> dict[str, Any]:
-    from litft.methods.dora import DoRA
-    from litft.methods.full import Full
-    from litft.methods.lora import LoRA
-    from litft.methods.lora_plus import LoRAPlus
-    from litft.methods.neft import NEFT
-    from litft.methods.qlora import QLoRA
+    from litft.methods import METHODS
 
-    return {"_help": "Fine-tune a model with one of litft's methods.", "lora": finetune_command(LoRA),
-            "full": finetune_command(Full), "qlora": finetune_command(QLoRA), "dora": finetune_command(DoRA),
-            "lora_plus": finetune_command(LoRAPlus), "neft": finetune_command(NEFT)}
+    return {"_help": "Fine-tune a model with one of litft's methods.",
+            **{name: finetune_command(cls) for name, cls in METHODS.items()}}
 
 
 def commands() -> dict[str, Any]:
@@ -202,11 +169,14 @@ def _check_config_files(argv: list[str], components: dict[str, Any]) -> None:
 
 def run(argv: list[str] | None = None) -> Any:
     """Parse `argv` and run the command; returns its result (tests call this)."""
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
 
     from litft import native
     from litft.cpu_kernels import onednn_enabled
 
+    # A config file (perhaps downloaded) names classes by import path (`data: {class_path: ...}`), and importing
+    # a module runs its code: values may name litft's own classes only (`litft.*`), never another module.
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=["litft"])
     components = commands()
     argv = _words_to_list(list(sys.argv[1:] if argv is None else argv), components)
     _check_config_files(argv, components)

@@ -12,8 +12,8 @@ from typing import Iterator
 
 import torch
 
-from litft.checkpoint import (CONFIG, LITFT_FORMAT, WEIGHTS, check_checkpoint_dir, iter_safetensors, read_json,
-                              safetensors_metadata, save_checkpoint, save_safetensors, validate_state_dict)
+from litft.checkpoint import (CONFIG, LITFT_FORMAT, WEIGHTS, check_checkpoint_dir, iter_safetensors, load_torch_file,
+                              read_json, safetensors_header, save_checkpoint, save_safetensors, validate_state_dict)
 from litft.models.config import Config
 from litft.models.hf import config_from_hf, config_to_hf, hf_to_litft, litft_to_hf
 
@@ -32,7 +32,7 @@ def hf_weight_files(hf_dir: Path) -> list[Path]:
             if missing:
                 raise LitftError(f"{index}: lists shards that are not there: {missing[:3]}")
             return [hf_dir / f for f in files]
-    files = sorted(p for p in hf_dir.glob("*.safetensors") if safetensors_metadata(p).get("litft") is None)
+    files = sorted(p for p in hf_dir.glob("*.safetensors") if safetensors_header(p)[1].get("litft") is None)
     if files:
         return files
     files = sorted(hf_dir.glob("pytorch_model*.bin")) or sorted(hf_dir.glob("*.bin"))
@@ -47,10 +47,9 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         if path.suffix == ".safetensors":
             yield from iter_safetensors(path)
             continue
-        try:  # weights_only: never unpickle arbitrary objects; mmap: no second copy in memory
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise LitftError(f"{path}: cannot load PyTorch weights (truncated, corrupt, or not weights-only): {e}") from e
+        state = load_torch_file(path, mmap=True)  # mmap: no second copy in memory
+        if not isinstance(state, dict):
+            raise LitftError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
         yield from state.items()
 
 

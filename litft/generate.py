@@ -109,7 +109,7 @@ def main(
     if adapter_dir is None:
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
     else:
-        from litft.methods.base import load_method
+        from litft.methods.run_dir import load_method
 
         method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
         model = method.model

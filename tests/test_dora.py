@@ -14,7 +14,7 @@ from litft.adapters.dora import DoRALinear
 from litft.adapters.inject import adapter_state_dict, inject_adapters
 from litft.checkpoint import load_model
 from litft.cli import run
-from litft.methods.base import load_method
+from litft.methods.run_dir import load_method
 from litft.utils import LitftError
 
 

@@ -17,7 +17,7 @@ from litft.adapters.multi import AdapterModel
 from litft.adapters.peft_format import export_peft
 from litft.checkpoint import load_model
 from litft.convert import convert_from_litft
-from litft.methods.base import load_method
+from litft.methods.run_dir import load_method
 from litft.methods.dora import DoRA
 from litft.methods.lora import LoRA
 from litft.models.hf import hf_to_litft

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from litft.generate import generate
-from litft.methods.base import load_method
+from litft.methods.run_dir import load_method
 from litft.methods.neft import NEFT, neftune_noise, sample_lengths
 from litft.utils import LitftError
 from tests.helpers import make_task

@@ -25,7 +25,7 @@ from litft.adapters.peft_format import export_peft, import_peft
 from litft.checkpoint import load_model, save_checkpoint
 from litft.cli import main, run
 from litft.convert import convert_from_litft, convert_to_litft
-from litft.methods.base import load_method
+from litft.methods.run_dir import load_method
 from litft.methods.dora import DoRA
 from litft.methods.lora import LoRA
 from litft.methods.lora_plus import LoRAPlus

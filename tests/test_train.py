@@ -16,7 +16,7 @@ from litft.adapters.lora import LoRALinear
 from litft.checkpoint import load_model, load_state_dict
 from litft.cli import run
 from litft.data import JSON
-from litft.methods.base import load_method
+from litft.methods.run_dir import load_method
 from litft.methods.lora import LoRA
 from litft.models.hf import litft_to_hf_module
 from litft.train import EvalArgs, TrainArgs, finetune

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from litft.checkpoint import WEIGHTS, check_checkpoint_dir, iter_safetensors, save_safetensors
-from litft.methods.base import METHOD_CONFIG
+from litft.checkpoint import (METHOD_CONFIG, WEIGHTS, check_checkpoint_dir, iter_safetensors, read_method_config,
+                              read_tensor, safetensors_header, save_safetensors)
 from litft.models.config import Config
 from litft.models.gpt import GPT
 from litft.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
@@ -71,23 +71,33 @@ def check_tensors(tensors: dict[str, Tensor], source: str) -> None:
 def read_adapter_dir(run_dir: Path | str) -> tuple[AdapterWeights, dict]:
     """The adapter of a litft run directory and the run's method config (class_path, init_args)."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / METHOD_CONFIG
-    if not cfg_path.is_file():
-        raise LitftError(f"{run_dir}: no {METHOD_CONFIG}; expected the `final/` (or `step-N/`) directory of a "
-                         "litft finetune run (a PEFT adapter directory is read with `litft import_peft`)")
-    method_config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    args = method_config.get("init_args", {})
+    method_config = read_method_config(run_dir)
+    args = method_config["init_args"]
     if "r" not in args or "alpha" not in args:
-        raise LitftError(f"{run_dir}: a {method_config.get('class_path')} run is not an adapter run (full "
+        raise LitftError(f"{run_dir}: a {method_config['class_path']} run is not an adapter run (full "
                          "fine-tuning writes a whole model: use `litft convert_from_litft` on it)")
+    source = run_dir / METHOD_CONFIG
+    r, alpha = _check_type(args, "r", int, source), _check_type(args, "alpha", (int, float), source)
+    use_rslora = _check_type(args, "use_rslora", bool, source, False)
+    dropout = _check_type(args, "dropout", (int, float), source, 0.0)
+    if r < 1 or not 0 <= dropout < 1:
+        raise LitftError(f"{source}: r must be >= 1 and 0 <= dropout < 1 (got r={r}, dropout={dropout})")
     path = run_dir / ADAPTER_FILE
     if not path.is_file():
         raise LitftError(f"{run_dir}: {ADAPTER_FILE} is missing (was the run interrupted before it finished?)")
     tensors = dict(iter_safetensors(path))
     check_tensors(tensors, str(path))
-    adapter = AdapterWeights(r=int(args["r"]), alpha=float(args["alpha"]), tensors=tensors,
-                             use_rslora=bool(args.get("use_rslora", False)), dropout=float(args.get("dropout", 0.0)))
+    adapter = AdapterWeights(r=r, alpha=float(alpha), tensors=tensors, use_rslora=use_rslora, dropout=float(dropout))
     return adapter, method_config
+
+
+def _check_type(args: dict, key: str, types: type | tuple[type, ...], source: Path, default: Any = None) -> Any:
+    """args[key] (or `default`) if it is of `types` (a bool is no number here), else one clear error."""
+    types = types if isinstance(types, tuple) else (types,)
+    value = args.get(key, default)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise LitftError(f"{source}: init_args.{key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    return value
 
 
 def write_adapter_dir(adapter: AdapterWeights, out_dir: Path | str, checkpoint_dir: Path | str) -> Path:
@@ -130,14 +140,10 @@ def base_weight_reader(checkpoint_dir: Path | str) -> Callable[[str], Tensor]:
     path = check_checkpoint_dir(checkpoint_dir) / WEIGHTS
 
     def read(module: str) -> Tensor:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                key = f"{module}.weight"
-                if key not in f.keys() and module == "lm_head":
-                    key = "embed.weight"  # a tied head is stored as the embedding
-                return f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise LitftError(f"{path}: cannot read the base weight of {module}: {e}") from e
+        name = f"{module}.weight"
+        if module == "lm_head" and name not in safetensors_header(path)[0]:
+            name = "embed.weight"  # a tied head is stored as the embedding
+        return read_tensor(path, name)
 
     return read
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -151,14 +151,8 @@ def inject_adapters(
             )
         built.append((name, adapter))
     for name, adapter in built:
-        _set_submodule(model, name, adapter)
+        model.set_submodule(name, adapter)
     return [name for name, _ in built]
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
 
 
 # ----------------------------------------------------------------------- predicates
@@ -374,7 +368,7 @@ def unload_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     for name, m in mods:
         if name == "":
             return m.base_layer
-        _set_submodule(model, name, m.base_layer)
+        model.set_submodule(name, m.base_layer)
     return model
 
 

@@ -34,7 +34,7 @@ from litft.adapters.dora import DoRALinear
 from litft.adapters.inject import adapter_modules, merge_adapters, unload_adapters, unmerge_adapters
 from litft.adapters.lora import LoRALinear
 from litft.adapters.peft_format import ADAPTER_CONFIG, peft_to_litft, read_peft_dir
-from litft.methods.base import METHOD_CONFIG
+from litft.checkpoint import METHOD_CONFIG
 from litft.utils import LitftError
 
 COMBINATIONS = ("linear", "cat", "svd")

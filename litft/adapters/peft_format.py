@@ -38,7 +38,8 @@ from litft.adapters.adapter_dir import (AdapterWeights, base_weight_reader, chec
                                         read_adapter_dir, write_adapter_dir, write_dir_atomically)
 from litft.adapters.inject import TARGET_ALIASES
 from litft.adapters.lora import lora_scaling
-from litft.checkpoint import check_checkpoint_dir, iter_safetensors, read_json, save_safetensors
+from litft.checkpoint import (check_checkpoint_dir, iter_safetensors, load_torch_file, read_json, run_base_dir,
+                              save_safetensors)
 from litft.models.config import Config
 from litft.models.hf import fuse_rows, hf_modules, split_rows
 from litft.utils import LitftError, atomic_write_text
@@ -148,10 +149,12 @@ def export_peft(adapter_dir: Path, out_dir: Path, checkpoint_dir: Path | None = 
         checkpoint_dir: the litft base model; default: the one the run was trained from.
     """
     adapter, method_config = read_adapter_dir(adapter_dir)
-    base = Path(checkpoint_dir or method_config["init_args"]["checkpoint_dir"])
-    config = Config.from_checkpoint(check_checkpoint_dir(base))
+    base = run_base_dir(adapter_dir, method_config["init_args"], checkpoint_dir)
+    config = Config.from_checkpoint(base)
     check_fits(adapter, config, str(adapter_dir))
     peft_config, tensors = litft_to_peft(adapter, config, base_weight_reader(base))
+    # the hub id where litft knows it (download), else the base's path: what AutoPeftModel would load
+    peft_config["base_model_name_or_path"] = config.hf_repo or str(base.resolve())
 
     def write(d: Path) -> None:
         save_safetensors(tensors, d / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -195,10 +198,9 @@ def read_peft_dir(peft_dir: Path | str) -> tuple[dict[str, Any], dict[str, Tenso
     if weights.is_file():
         tensors = dict(iter_safetensors(weights))
     elif (peft_dir / "adapter_model.bin").is_file():
-        try:  # weights_only: never unpickle arbitrary objects
-            tensors = torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LitftError(f"{peft_dir}/adapter_model.bin: cannot load (corrupt, or not weights-only): {e}") from e
+        tensors = load_torch_file(peft_dir / "adapter_model.bin")
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise LitftError(f"{peft_dir}/adapter_model.bin: expected a mapping of names to tensors")
     else:
         raise LitftError(f"{peft_dir}: {ADAPTER_WEIGHTS} is missing")
     return cfg, tensors

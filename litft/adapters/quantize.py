@@ -49,12 +49,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn import functional as F
 
 from litft.adapters.inject import TARGET_ALIASES
-from litft.checkpoint import WEIGHTS, check_checkpoint_dir, validate_state_dict
+from litft.checkpoint import check_checkpoint_dir, load_model
 from litft.models.config import Config
 from litft.models.gpt import GPT
 from litft.utils import LitftError
@@ -208,12 +207,6 @@ def quantized_linear(linear: nn.Module, mode: str | QuantMode, device: torch.dev
     return layer
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-# ------------------------------------------------------------------------ the embedding (opt-in)
 def check_embedding_width(n_embd: int) -> None:
     """`quantize_embedding` needs rows made of whole 4-bit blocks (see the module docstring)."""
     if n_embd % BLOCKSIZE:
@@ -359,30 +352,11 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, skip: Iterable[str] 
         layer = quantized_linear(linear, mode, device, weight=linear.weight.detach())
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=linear.bias.requires_grad)
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     if quantize_embedding:
         _install_quantized_embedding(model, model.embed.weight, mode, device)
         names.append("embed")
     return names
-
-
-def _tensor_shapes(path: Path) -> dict[str, torch.Size]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise LitftError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
-
-
-def _read_tensor(path: Path, key: str) -> torch.Tensor:
-    # A safe_open handle memory-maps the file and every page it has read stays resident (and counts
-    # as this process's memory) until the handle closes: kept open over a whole checkpoint, that is
-    # the full 16/32-bit model we are avoiding. So open per tensor (the header parse is ~free).
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise LitftError(f"{path}: cannot read tensor {key} (truncated or corrupt?): {e}") from e
 
 
 def _release_freed_memory() -> None:
@@ -418,42 +392,29 @@ def load_quantized_model(
     mode = parse_quantize(quantize)
     device = torch.device(device) if device is not None else default_device()
     check_bitsandbytes(device)
-    d = check_checkpoint_dir(checkpoint_dir)
-    config = config or Config.from_checkpoint(d)
+    config = config or Config.from_checkpoint(check_checkpoint_dir(checkpoint_dir))
     if quantize_embedding:
         check_embedding_width(config.n_embd)
-    path = d / WEIGHTS
-    shapes = _tensor_shapes(path)
-    validate_state_dict(config, shapes, path)  # all names and shapes, before reading any data
+    targets: set[str] = set()
 
-    with torch.device("meta"):
-        model = GPT(config)
-    targets = set(quantize_targets(model, skip))
-    for name in targets:
-        _set_submodule(model, name, quantized_linear(model.get_submodule(name), mode))
+    def prepare(model: GPT) -> None:  # empty (meta) bnb layers where the quantized weights will go
+        targets.update(quantize_targets(model, skip))
+        for name in targets:
+            model.set_submodule(name, quantized_linear(model.get_submodule(name), mode))
 
-    for key in shapes:
-        tensor = _read_tensor(path, key)
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+    def place(model: GPT, key: str, tensor: torch.Tensor) -> bool:
         module_name, _, attr = key.rpartition(".")
-        module = model.get_submodule(module_name)
         if module_name in targets and attr == "weight":
-            module.weight = quantize_weight(tensor, mode, device, module=module)
+            model.get_submodule(module_name).weight = quantize_weight(tensor, mode, device,
+                                                                      module=model.get_submodule(module_name))
         elif quantize_embedding and key == "embed.weight":
             _install_quantized_embedding(model, tensor, mode, device)
-        elif isinstance(getattr(module, attr), nn.Parameter):
-            setattr(module, attr, nn.Parameter(tensor.to(device), requires_grad=getattr(module, attr).requires_grad))
         else:
-            setattr(module, attr, tensor.to(device))  # a buffer
-        del tensor
+            return False
         _release_freed_memory()
-    if config.tie_embeddings and not quantize_embedding:  # (a quantized embedding installed its head)
-        model.lm_head.weight = model.embed.weight
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # a bug in this loader, not in the user's input
-        raise RuntimeError(f"tensors not materialised after loading {path}: {left[:4]}")
-    return model
+        return True
+
+    return load_model(checkpoint_dir, device, dtype, config, prepare=prepare, place=place)
 
 
 # ------------------------------------------------------------------------ dequantize
@@ -492,12 +453,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list
             w = q.dequantize()
             embedding = nn.Embedding(q.num_embeddings, q.embedding_dim, device="meta")
             embedding.weight = tables[id(q)] = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
-            _set_submodule(model, name, embedding)
+            model.set_submodule(name, embedding)
     for name, q in modules:
         if isinstance(q, QuantizedTiedHead):
             head = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
             head.weight = tables[id(q.table)]
-            _set_submodule(model, name, head)
+            model.set_submodule(name, head)
     names = [n for n, m in modules if isinstance(m, (QuantizedEmbedding, QuantizedTiedHead))]
     linears = [n for n, m in modules if is_quantized_linear(m)]
     for name in linears:
@@ -507,7 +468,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list
         linear.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().clone(), requires_grad=q.bias.requires_grad)
-        _set_submodule(model, name, linear)
+        model.set_submodule(name, linear)
     return names + linears
 
 

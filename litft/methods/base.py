@@ -10,7 +10,7 @@ The training loop (`litft/train.py`) knows only this interface:
 """
 from __future__ import annotations
 
-import importlib
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,9 @@ import lightning as L
 import torch
 import yaml
 
-from litft.checkpoint import check_checkpoint_dir, load_model, save_checkpoint
+from litft.checkpoint import METHOD_CONFIG, check_checkpoint_dir, load_model, save_checkpoint
 from litft.models.gpt import GPT, chunked_cross_entropy
 from litft.utils import LitftError, atomic_write_text
-
-METHOD_CONFIG = "method_config.yaml"
 
 
 class Finetune(L.LightningModule):
@@ -96,7 +94,12 @@ class Finetune(L.LightningModule):
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         h = self.hparams
         optimizer_cls = resolve_optimizer(h.optimizer)
-        kwargs = dict(lr=h.lr, **(h.optimizer_args or {}))
+        extra = dict(h.optimizer_args or {})
+        unknown = sorted(set(extra) - _init_params(optimizer_cls) - {"self", "params"})
+        if unknown or "lr" in extra:
+            raise LitftError(f"optimizer_args {sorted(extra)}: {h.optimizer} takes no {unknown or ['lr']} (lr has its "
+                             f"own option); it takes {sorted(_init_params(optimizer_cls) - {'self', 'params'})}")
+        kwargs = dict(lr=h.lr, **extra)
         if "betas" in _init_params(optimizer_cls):
             kwargs.setdefault("betas", tuple(h.betas))
         optimizer = optimizer_cls(self.param_groups(), **kwargs)
@@ -122,8 +125,10 @@ class Finetune(L.LightningModule):
 
     def method_config(self) -> dict[str, Any]:
         """Enough to rebuild this module: its class and init args (see `load_method`)."""
-        args = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+        # paths absolute, so merge_lora / generate / resume read the run from any working directory
+        args = {k: (str(Path(v).resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
                 for k, v in self.hparams.items()}
+        args["checkpoint_dir"] = str(self.checkpoint_dir.resolve())
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
     def save_final(self, out_dir: Path) -> None:
@@ -137,9 +142,40 @@ class Finetune(L.LightningModule):
 
 
 def _init_params(cls: type) -> set[str]:
-    import inspect
-
     return set(inspect.signature(cls.__init__).parameters)
+
+
+def function_docs(fn: Any) -> dict[str, str]:
+    """Argument name -> its description in `fn`'s Google-style docstring."""
+    import docstring_parser
+
+    doc = inspect.getdoc(fn) or ""
+    if doc.startswith("Args:"):  # the Google-style parser needs a summary line first
+        doc = "-\n\n" + doc
+    return {p.arg_name: p.description or "" for p in docstring_parser.parse(doc).params}
+
+
+def method_parameters(cls: type) -> tuple[list[inspect.Parameter], dict[str, str]]:
+    """Init parameters of a method class and its bases (following `**kwargs` up the MRO), and their docs.
+
+    What `litft finetune <method>` offers as options, and what a run directory's init_args are checked against."""
+    params: dict[str, inspect.Parameter] = {}
+    docs: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__, eval_str=True)
+        for p in list(sig.parameters.values())[1:]:
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in params:
+                continue
+            params[p.name] = p.replace(kind=p.KEYWORD_ONLY)
+        for k, v in function_docs(klass.__init__).items():
+            docs.setdefault(k, v)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    # required (no default) first, so the combined signature is valid
+    ordered = sorted(params.values(), key=lambda p: p.default is not inspect.Parameter.empty)
+    return ordered, docs
 
 
 def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
@@ -153,29 +189,3 @@ def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
         raise LitftError(f"unknown optimizer {name!r}: use a torch.optim class name (AdamW, SGD, ...) or "
                          "bnb.AdamW8bit / bnb.PagedAdamW / bnb.PagedAdamW8bit")
     return cls
-
-
-def load_method(run_dir: Path | str, checkpoint_dir: Path | str | None = None) -> Finetune:
-    """Rebuild a trained method from a finished run's directory (`out_dir/final`): its class,
-    its base model, and its trained weights."""
-    from litft.checkpoint import iter_safetensors
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / METHOD_CONFIG
-    if not cfg_path.is_file():
-        raise LitftError(f"{run_dir}: no {METHOD_CONFIG}; expected the `final/` (or `step-N/`) directory of a "
-                         "litft finetune run")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    module_name, _, cls_name = cfg["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    init_args = dict(cfg["init_args"])
-    init_args.pop("init_adapter", None)  # the run's own trained weights replace it below
-    if checkpoint_dir is not None:
-        init_args["checkpoint_dir"] = str(checkpoint_dir)
-    method: Finetune = cls(**init_args)
-    method.configure_model()
-    weights = run_dir / method.weights_file
-    if not weights.is_file():
-        raise LitftError(f"{run_dir}: {method.weights_file} is missing")
-    method.load_trainable_state_dict(dict(iter_safetensors(weights)))
-    return method

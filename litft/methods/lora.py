@@ -8,8 +8,9 @@ import torch.nn as nn
 import yaml
 
 from litft.adapters.inject import (adapter_state_dict, inject_adapters, load_adapter_state_dict,
-                                   mark_only_adapters_trainable, resolve_targets, save_adapter, unload_adapters)
+                                   mark_only_adapters_trainable, resolve_targets, unload_adapters)
 from litft.adapters.lora import LoRALinear
+from litft.checkpoint import iter_safetensors, read_method_config, save_safetensors
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.models.gpt import GPT
 from litft.tokenizer import copy_tokenizer_files
@@ -73,10 +74,14 @@ class LoRA(Finetune):
         if not cfg_path.is_file() or not weights.is_file():
             raise LitftError(f"init_adapter {run_dir}: expected {METHOD_CONFIG} and {self.weights_file} there (the final/ "
                              "directory of a LoRA-family run, or the output of `litft import_peft`)")
-        args = (yaml.safe_load(cfg_path.read_text()) or {}).get("init_args", {})
+        args = read_method_config(run_dir)["init_args"]
         mine = {"r": self.r, "alpha": float(self.alpha), "use_rslora": self.use_rslora, "targets": sorted(self.targets)}
-        theirs = {"r": args.get("r"), "alpha": float(args.get("alpha", 0)), "use_rslora": args.get("use_rslora", False),
-                  "targets": sorted(resolve_targets(args.get("targets") or "all-linear"))}
+        try:
+            theirs = {"r": args.get("r"), "alpha": float(args.get("alpha", 0)),
+                      "use_rslora": args.get("use_rslora", False),
+                      "targets": sorted(resolve_targets(args.get("targets") or "all-linear"))}
+        except (TypeError, ValueError) as e:  # a damaged or hand-edited method config
+            raise LitftError(f"init_adapter {run_dir}: invalid {METHOD_CONFIG} ({e})") from None
         differ = [f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if theirs[k] != mine[k]]
         if differ:
             raise LitftError(f"init_adapter {run_dir} does not fit this run ({'; '.join(differ)}): pass the same values "
@@ -101,8 +106,6 @@ class LoRA(Finetune):
         inject_adapters(self.model, self.targets, self.make_adapter)
         mark_only_adapters_trainable(self.model, self.bias)
         if self.init_adapter is not None:
-            from litft.checkpoint import iter_safetensors
-
             try:
                 load_adapter_state_dict(self.model, dict(iter_safetensors(self.init_adapter / self.weights_file)))
             except ValueError as e:  # another method's adapter (DoRA magnitudes), another base model
@@ -116,7 +119,7 @@ class LoRA(Finetune):
 
     def save_final(self, out_dir: Path) -> None:
         """Adapter weights (a few MB) + how to rebuild the method; the base model stays where it is."""
-        save_adapter(out_dir / self.weights_file, self.trainable_state_dict(), {"method": type(self).__name__})
+        save_safetensors(self.trainable_state_dict(), out_dir / self.weights_file, {"method": type(self).__name__})
         copy_tokenizer_files(self.checkpoint_dir, out_dir)
         atomic_write_text(out_dir / METHOD_CONFIG, yaml.safe_dump(self.method_config(), sort_keys=False))
 
