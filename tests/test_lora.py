@@ -304,6 +304,23 @@ def test_quantized_base_runs_but_refuses_merge():
     assert not lora.merged
 
 
+@pytest.mark.parametrize("merge", [merge_adapters, lambda m: unload_adapters(m, merge=True)],
+                         ids=["merge_adapters", "unload_adapters"])
+def test_a_failed_merge_rolls_back(merge):
+    """All or none: when one adapter cannot merge (a quantized base), the ones merged before it are unmerged."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    quantized = bnb.nn.Linear4bit(32, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    model = nn.Sequential(LoRALinear(nn.Linear(32, 32), r=4, alpha=8), LoRALinear(quantized, r=4, alpha=8))
+    nn.init.normal_(model[0].lora_B)
+    before = model[0].base_layer.weight.detach().clone()
+    with pytest.raises(TypeError, match="plain floating-point"):
+        merge(model)
+    assert not model[0].merged  # and its weight is back (up to the rounding of adding and subtracting B·A)
+    torch.testing.assert_close(model[0].base_layer.weight.detach(), before, atol=1e-6, rtol=0)
+    assert isinstance(model[0], LoRALinear)  # still the adapter model, not half-unloaded
+
+
 # ---------------------------------------------------------------- resolve_targets
 def test_resolve_targets():
     assert resolve_targets(["q", "v"]) == {"q_proj", "v_proj"}

@@ -319,6 +319,13 @@ def merge_adapters(model: nn.Module, untie: bool = False) -> list[str]:
     already = [n for n, m in mods if getattr(m, "merged", False)]
     if already:  # check up front so we never end half-merged
         raise RuntimeError(f"adapters already merged: {_fmt_keys(already)}")
+    _merge_all(model, mods, untie)
+    return [n for n, _ in mods]
+
+
+def _merge_all(model: nn.Module, mods: list[tuple[str, nn.Module]], untie: bool) -> None:
+    """Merge each adapter of `mods`, all or none: a failure (a quantized base refuses to merge) unmerges the ones
+    already merged before it is raised. Tied base weights are an error first, unless `untie`."""
     if not untie:
         for name, m in mods:  # raise on tied weights before mutating anything
             _untie_base_weight(model, name, m, untie=False)
@@ -330,10 +337,9 @@ def merge_adapters(model: nn.Module, untie: bool = False) -> list[str]:
             m.merge()
             done.append(m)
     except Exception:
-        for m in done:  # e.g. a quantized base refused to merge: roll back, never half-merged
+        for m in done:  # roll back: never half-merged
             m.unmerge()
         raise
-    return [n for n, _ in mods]
 
 
 def unmerge_adapters(model: nn.Module) -> list[str]:
@@ -358,13 +364,12 @@ def unload_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     for name, m in adapter_modules(model):
         if not any(name.startswith(f"{p}.") or p == "" for p, _ in mods):
             mods.append((name, m))
-    for name, m in mods:
-        is_merged = getattr(m, "merged", False)
-        if merge and not is_merged:
-            _untie_base_weight(model, name, m, untie=True)
-            m.merge()
-        elif not merge and is_merged:
-            m.unmerge()
+    if merge:
+        _merge_all(model, [(n, m) for n, m in mods if not getattr(m, "merged", False)], untie=True)
+    else:
+        for _, m in mods:
+            if getattr(m, "merged", False):
+                m.unmerge()
     for name, m in mods:
         if name == "":
             return m.base_layer
