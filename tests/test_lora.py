@@ -19,16 +19,16 @@ from litft.adapters.inject import (
     TARGET_ALIASES,
     adapter_state_dict,
     inject_adapters,
-    load_adapter,
     load_adapter_state_dict,
     mark_only_adapters_trainable,
     merge_adapters,
     resolve_targets,
-    save_adapter,
     unload_adapters,
     unmerge_adapters,
 )
 from litft.adapters.lora import LoRALinear
+from litft.checkpoint import DIGEST_KEY, iter_safetensors, safetensors_header, save_safetensors, tensors_digest
+from litft.utils import LitftError
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -518,15 +518,14 @@ def test_state_dict_save_load_roundtrip(toy, idx, tmp_path: Path):
     assert sd["blocks.0.attn.q_proj.lora_A"].data_ptr() != toy.blocks[0].attn.q_proj.lora_A.data_ptr()
 
     path = tmp_path / "sub" / "adapter.safetensors"
-    save_adapter(path, sd, {"method": "lora", "r": "4"})
-    assert not path.with_name(path.name + ".tmp").exists()
+    save_safetensors(sd, path, {"method": "lora", "r": "4"})
     assert list(path.parent.iterdir()) == [path]
     adapter_bytes = sum(v.numel() * v.element_size() for v in sd.values())
     full_bytes = sum(v.numel() * v.element_size() for v in toy.state_dict().values())
     assert path.stat().st_size < adapter_bytes + 16_384 and adapter_bytes < full_bytes / 3
 
-    loaded, meta = load_adapter(path)
-    assert meta == {"method": "lora", "r": "4"}
+    loaded, meta = load_file(path)
+    assert meta == {"method": "lora", "r": "4", DIGEST_KEY: tensors_digest(sorted(sd.items()))}
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
 
     # a fresh wrap of the same base (different adapter init) reproduces the outputs
@@ -600,42 +599,46 @@ def test_load_into_merged_model_refused(toy):
         load_adapter_state_dict(toy, sd)
 
 
+def load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return dict(iter_safetensors(path)), safetensors_header(path)[1]
+
+
 def test_load_missing_corrupt_truncated_files(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        load_adapter(tmp_path / "nope.safetensors")
+    with pytest.raises(LitftError, match="nope.safetensors"):
+        load_file(tmp_path / "nope.safetensors")
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"this is not a safetensors file at all")
-    with pytest.raises(ValueError, match=r"garbage\.safetensors.*corrupt"):
-        load_adapter(garbage)
+    with pytest.raises(LitftError, match=r"garbage\.safetensors.*truncated or corrupt"):
+        load_file(garbage)
 
     good = tmp_path / "good.safetensors"
-    save_adapter(good, adapter_state_dict(ToyWrapped()), {"method": "lora"})
+    save_safetensors(adapter_state_dict(ToyWrapped()), good, {"method": "lora"})
     truncated = tmp_path / "truncated.safetensors"
     data = good.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"truncated\.safetensors.*corrupt or truncated"):
-        load_adapter(truncated)
+    with pytest.raises(LitftError, match=r"truncated\.safetensors.*truncated or corrupt"):
+        load_file(truncated)
 
 
 def test_atomic_save_leaves_no_tmp(tmp_path: Path):
     path = tmp_path / "a.safetensors"
     sd1 = {"x.lora_A": torch.ones(2, 3)}
-    save_adapter(path, sd1, {"v": "1"})
-    save_adapter(path, {"x.lora_A": torch.zeros(2, 3)}, {"v": "2"})  # overwrite in place
+    save_safetensors(sd1, path, {"v": "1"})
+    save_safetensors({"x.lora_A": torch.zeros(2, 3)}, path, {"v": "2"})  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
-    sd, meta = load_adapter(path)
-    assert meta == {"v": "2"} and torch.equal(sd["x.lora_A"], torch.zeros(2, 3))
+    sd, meta = load_file(path)
+    assert meta["v"] == "2" and torch.equal(sd["x.lora_A"], torch.zeros(2, 3))
 
-    # a failing write (non-str metadata) keeps the previous file and leaves no .tmp
-    with pytest.raises(TypeError, match="str -> str"):
-        save_adapter(path, sd1, {"r": 4})
+    # a failing write (non-str metadata) keeps the previous file and leaves no temp file
+    with pytest.raises(TypeError, match="not an instance of .str."):
+        save_safetensors(sd1, path, {"r": 4})
     # shared storage makes safetensors itself refuse mid-write
     t = torch.ones(4)
     with pytest.raises(RuntimeError, match="Some tensors share memory"):
-        save_adapter(path, {"a.lora_A": t, "b.lora_A": t}, {})
+        save_safetensors({"a.lora_A": t, "b.lora_A": t}, path, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
-    assert load_adapter(path)[1] == {"v": "2"}
+    assert load_file(path)[1]["v"] == "2"
 
 
 # ---------------------------------------------------------------- peft oracle

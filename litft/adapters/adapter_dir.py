@@ -155,17 +155,26 @@ def linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+FIX_BASE = "it was made for another base model: pass the checkpoint_dir of the model it was trained on"
+
+
+def check_module_fits(module: str, out: int, in_: int, A: Tensor | None, B: Tensor | None, m: Tensor | None,
+                      source: str) -> None:
+    """lora_A (r, in), lora_B (out, r) and a DoRA magnitude (out,) fit a Linear of (out, in); else one clear error."""
+    if (A is None or B is None or (A.dim(), B.dim()) != (2, 2) or A.shape[1] != in_ or B.shape[0] != out
+            or A.shape[0] != B.shape[1] or (m is not None and tuple(m.shape) != (out,))):
+        shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+        raise LitftError(f"{source}: {module} is ({out}, {in_}) (out, in) in this base model but the adapter has "
+                         f"lora_A {shape(A)} and lora_B {shape(B)}; {FIX_BASE}")
+
+
 def check_fits(adapter: AdapterWeights, config: Config, source: str) -> None:
     """Every adapted module exists in this base model and has the adapter's shapes; else one clear error."""
     shapes = linear_shapes(config)
-    fix = "it was made for another base model: pass the checkpoint_dir of the model it was trained on"
     for module in adapter.modules():
         if module not in shapes:
             raise LitftError(f"{source}: the adapter adapts {module}, which this {config.family} model "
-                             f"({config.n_layer} layers) does not have; {fix}")
-        out, in_ = shapes[module]
-        A, B = adapter.tensors[f"{module}.lora_A"], adapter.tensors[f"{module}.lora_B"]
-        m = adapter.tensors.get(f"{module}.lora_magnitude")
-        if A.shape[1] != in_ or B.shape[0] != out or (m is not None and tuple(m.shape) != (out,)):
-            raise LitftError(f"{source}: {module} is ({out}, {in_}) (out, in) in this base model but the adapter has "
-                             f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; {fix}")
+                             f"({config.n_layer} layers) does not have; {FIX_BASE}")
+        t = adapter.tensors
+        check_module_fits(module, *shapes[module], t[f"{module}.lora_A"], t[f"{module}.lora_B"],
+                          t.get(f"{module}.lora_magnitude"), source)

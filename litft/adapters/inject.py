@@ -11,10 +11,8 @@ your own predicate, for parameters like DoRA's ``magnitude``).
 from __future__ import annotations
 
 import difflib
-import os
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -37,8 +35,6 @@ __all__ = [
     "merge_adapters",
     "unmerge_adapters",
     "unload_adapters",
-    "save_adapter",
-    "load_adapter",
 ]
 
 # short name -> module name used by litft's GPT (same names as HF Llama)
@@ -375,44 +371,3 @@ def unload_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
             return m.base_layer
         model.set_submodule(name, m.base_layer)
     return model
-
-
-# ------------------------------------------------------------------------ file I/O
-def save_adapter(
-    path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write ``state_dict`` to a safetensors file atomically: write ``<path>.tmp`` then
-    ``os.replace``, so a crash never leaves a half-written adapter under ``path``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    metadata = dict(metadata or {})
-    bad = {k: type(v).__name__ for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
-    if bad:
-        raise TypeError(f"safetensors metadata must map str -> str; offending entries: {bad}")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read an adapter file written by ``save_adapter``: (state_dict on CPU, metadata)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"could not read adapter file {path}: it is corrupt or truncated ({e})") from e
-    return state_dict, metadata

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from litft.adapters.adapter_dir import (AdapterWeights, base_weight_reader, check_fits, linear_shapes,
-                                        read_adapter_dir, write_adapter_dir, write_dir_atomically)
+from litft.adapters.adapter_dir import (FIX_BASE, AdapterWeights, base_weight_reader, check_fits, check_module_fits,
+                                        linear_shapes, read_adapter_dir, write_adapter_dir, write_dir_atomically)
 from litft.adapters.inject import TARGET_ALIASES
 from litft.adapters.lora import lora_scaling
 from litft.checkpoint import (check_checkpoint_dir, iter_safetensors, load_torch_file, read_json, run_base_dir,
@@ -113,9 +113,11 @@ def _transformers5() -> bool:
     """Whether the installed transformers (the one that will load the export, usually) is 5.x or newer."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from packaging.version import InvalidVersion, Version
+
     try:
-        return int(version("transformers").split(".")[0]) >= 5
-    except (PackageNotFoundError, ValueError):
+        return Version(version("transformers")).major >= 5
+    except (PackageNotFoundError, InvalidVersion):
         return True
 
 
@@ -220,7 +222,6 @@ def peft_to_litft(peft_config: dict[str, Any], tensors: dict[str, Tensor], confi
     `base_weight(module)` gives fresh DoRA magnitudes to modules the adapter skips in some layers."""
     modules = {**hf_modules(config), **hf_modules(config, transformers5=True)}  # either naming
     shapes = linear_shapes(config)
-    fix = "it was made for another base model: pass the checkpoint_dir of the model it was trained on"
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         suffix = next((s for s in PEFT_SUFFIXES if key.endswith("." + s)), None)
@@ -239,20 +240,16 @@ def peft_to_litft(peft_config: dict[str, Any], tensors: dict[str, Tensor], confi
     for hf_name, t in grouped.items():
         if hf_name not in modules:
             raise LitftError(f"{source}: the adapter adapts {hf_name}, which this {config.family} model "
-                             f"({config.n_layer} layers) does not have; {fix}")
+                             f"({config.n_layer} layers) does not have; {FIX_BASE}")
         parts, join = modules[hf_name]
         if not all(_leaf(p) in TARGET_ALIASES.values() for p in parts):
             raise LitftError(f"{source}: the adapter adapts {hf_name}, which is not a Linear layer; litft adapts "
                              "q, k, v, o, gate, up, down and lm_head only")
         A, B, m = t.get("lora_A"), t.get("lora_B"), t.get("lora_magnitude")
-        out, in_ = sum(shapes[p][0] for p in parts), shapes[parts[0]][1]
         if A is None or B is None or (m is None) == use_dora:
             raise LitftError(f"{source}: {hf_name} has tensors {sorted(t)}; a {'DoRA' if use_dora else 'LoRA'} "
                              "adapter needs lora_A, lora_B" + (" and lora_magnitude_vector" if use_dora else ""))
-        if (A.dim(), B.dim()) != (2, 2) or A.shape[1] != in_ or B.shape[0] != out or A.shape[0] != B.shape[1] or (
-                m is not None and tuple(m.shape) != (out,)):
-            raise LitftError(f"{source}: {hf_name} is ({out}, {in_}) (out, in) in this base model but the adapter has "
-                             f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; {fix}")
+        check_module_fits(hf_name, sum(shapes[p][0] for p in parts), shapes[parts[0]][1], A, B, m, source)
         default_alpha = peft_config.get("lora_alpha", 8)  # 8: peft's default
         alpha = float(_pattern_value(peft_config.get("alpha_pattern"), hf_name, default_alpha))
         scaling = lora_scaling(A.shape[0], alpha, rs)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from packaging.version import Version
 from torch import nn
 from torch.nn import functional as F
 
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 BLOCKSIZE = 64  # QLoRA's block size for the 4-bit absmax statistics
-MIN_BNB = {"cpu": (0, 49), "cuda": (0, 43)}  # 4/8-bit forward+backward on CPU arrived in 0.49
+MIN_BNB = {"cpu": "0.49", "cuda": "0.43"}  # 4/8-bit forward+backward on CPU arrived in 0.49
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,6 @@ def parse_quantize(mode: str | QuantMode) -> QuantMode:
     return QUANTIZE_MODES[mode]
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for p in version.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in p if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def check_bitsandbytes(device: torch.device | str, version: str | None = None) -> None:
     """bitsandbytes is installed and new enough to quantize on `device` (`version`: the installed one)."""
     kind = torch.device(device).type
@@ -114,11 +107,10 @@ def check_bitsandbytes(device: torch.device | str, version: str | None = None) -
     need = MIN_BNB.get(kind)
     if need is None:
         raise LitftError(f"quantization runs on CPU or CUDA, not on {kind!r}")
-    if _version_tuple(version) < need:
-        need_s = ".".join(map(str, need))
+    if Version(version) < Version(need):
         why = " (4/8-bit forward and backward on CPU need it)" if kind == "cpu" else ""
         raise LitftError(f"bitsandbytes {version} is too old to quantize on {kind}{why}: "
-                         f"pip install -U 'bitsandbytes>={need_s}'")
+                         f"pip install -U 'bitsandbytes>={need}'")
 
 
 def default_device() -> torch.device:
