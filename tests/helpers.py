@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from litft.checkpoint import save_checkpoint
 from litft.models.config import Config
 from litft.models.gpt import GPT
+from litft.models.hf import hf_modules
 
 LETTERS = "abcdefghij"
 
@@ -53,3 +54,8 @@ def make_task(path: Path, n: int = 64, seed: int = 0) -> Path:
         records.append({"instruction": "Repeat the letter", "input": c, "output": c * 3})
     path.write_text(json.dumps(records))
     return path
+
+
+def hf_module_of(config: Config, litft_module: str) -> str:
+    """The HF module (e.g. model.layers.3.self_attn.q_proj) that holds a litft module, from litft's name map."""
+    return next(hf for hf, (parts, _) in hf_modules(config).items() if litft_module in parts)

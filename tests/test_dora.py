@@ -155,7 +155,7 @@ def test_matches_peft_dora_on_litft_model(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from litft.convert import convert_to_litft
-    from litft.models.hf import litft_to_hf_module
+    from tests.helpers import hf_module_of
     from tests.test_model import make_hf_model
 
     hf = make_hf_model("llama3", tmp_path / "hf")
@@ -173,7 +173,7 @@ def test_matches_peft_dora_on_litft_model(tmp_path):
             layer = model.get_submodule(name)
             layer.lora_B.normal_(0, 0.1)
             layer.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude))
-            p = peft_modules["base_model.model." + litft_to_hf_module(model.config, name)[0]]
+            p = peft_modules["base_model.model." + hf_module_of(model.config, name)]
             theirs = (p.lora_A["default"].weight, p.lora_B["default"].weight, p.lora_magnitude_vector["default"].weight)
             for mine, t in zip((layer.lora_A, layer.lora_B, layer.lora_magnitude), theirs):
                 t.copy_(mine)

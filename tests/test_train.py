@@ -16,10 +16,10 @@ from litft.adapters.lora import LoRALinear
 from litft.checkpoint import load_model, load_state_dict
 from litft.cli import run
 from litft.data import JSON
-from litft.methods.run_dir import load_method
 from litft.methods.lora import LoRA
-from litft.models.hf import litft_to_hf_module
+from litft.methods.run_dir import load_method
 from litft.train import EvalArgs, TrainArgs, finetune
+from tests.helpers import hf_module_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,7 @@ def test_lora_on_litft_model_matches_peft(tmp_path):
         for name in names:
             layer = model.get_submodule(name)
             layer.lora_B.normal_(0, 0.1)  # nonzero B: the adapter path really contributes
-            hf_name, _, _ = litft_to_hf_module(model.config, name)
-            p = peft_modules["base_model.model." + hf_name]
+            p = peft_modules["base_model.model." + hf_module_of(model.config, name)]
             p.lora_A["default"].weight.copy_(layer.lora_A)
             p.lora_B["default"].weight.copy_(layer.lora_B)
     x = torch.randint(0, 160, (2, 12))

@@ -170,19 +170,6 @@ def litft_to_hf(config: Config, state_dict: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def litft_to_hf_module(config: Config, litft_module: str) -> tuple[str, int, int]:
-    """Map a litft module (e.g. 'blocks.3.attn.q_proj') to (HF module, part index, number of parts).
-
-    Parts > 1 means the HF module is fused (Phi-3 qkv_proj / gate_up_proj, NeoX query_key_value).
-    """
-    for _, hf, lit, _ in _compile(config.family):
-        for i, template in enumerate(lit):
-            m = re.fullmatch(re.escape(template).replace(r"\{\}", r"(\d+)"), litft_module)
-            if m:
-                return hf.format(*m.groups()), i, len(lit)
-    raise LitftError(f"no HF module corresponds to litft module {litft_module!r} ({config.family})")
-
-
 # -- config.json, both dialects -----------------------------------------------------------------
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
     """Read an HF config.json dict, written by transformers 4.x (rope_theta / rope_scaling /
