@@ -14,7 +14,6 @@ To add a style, subclass `PromptStyle` and register it in `prompt_styles`:
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from litft.data.base import DataError
@@ -35,10 +34,11 @@ class PromptStyle:
     def apply(self, instruction: str, input: str = "", **kwargs: Any) -> str:
         raise NotImplementedError
 
+    end_of_turn: str | None = None  # a chat style's end-of-turn marker: generation stops there as at EOS
+
     def stop_tokens(self, tokenizer: Tokenizer) -> tuple[list[int], ...]:
-        """Token-id sequences that end a generated response. EOS by default; chat styles add
-        their end-of-turn marker."""
-        return tuple([i] for i in _eos_ids(tokenizer))
+        """Token-id sequences that end a generated response: EOS, and the style's end-of-turn marker."""
+        return _encoded_stops(tokenizer, *([self.end_of_turn] if self.end_of_turn else []))
 
     @classmethod
     def from_name(cls, name: str) -> PromptStyle:
@@ -49,15 +49,6 @@ class PromptStyle:
                 "(Register a custom style by adding it to `litft.data.prompts.prompt_styles`.)"
             )
         return prompt_styles[key]()
-
-    @classmethod
-    def from_model_name(cls, model_name: str) -> PromptStyle:
-        """Best-guess default style for a checkpoint name (e.g. 'Meta-Llama-3-8B-Instruct');
-        falls back to alpaca, which base models fine-tune fine with."""
-        for pattern, style in _model_family_styles:
-            if re.search(pattern, model_name, flags=re.IGNORECASE):
-                return cls.from_name(style)
-        return Alpaca()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -108,14 +99,12 @@ class ChatML(PromptStyle):
     """<|im_start|>role ... <|im_end|> turns; pass `system=` for a system turn."""
 
     default_system: str | None = None
+    end_of_turn = "<|im_end|>"
 
     def apply(self, instruction: str, input: str = "", system: str | None = None, **kwargs: Any) -> str:
         system = system if system is not None else self.default_system
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         return f"{head}<|im_start|>user\n{join_input(instruction, input)}<|im_end|>\n<|im_start|>assistant\n"
-
-    def stop_tokens(self, tokenizer: Tokenizer) -> tuple[list[int], ...]:
-        return _encoded_stops(tokenizer, "<|im_end|>")
 
 
 class Qwen2(ChatML):
@@ -127,6 +116,8 @@ class Qwen2(ChatML):
 class Llama3(PromptStyle):
     """Llama 3 header-id format; <|begin_of_text|> is the BOS token so it is not in the text."""
 
+    end_of_turn = "<|eot_id|>"
+
     def apply(self, instruction: str, input: str = "", system: str | None = None, **kwargs: Any) -> str:
         head = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
         return (
@@ -134,30 +125,25 @@ class Llama3(PromptStyle):
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
         )
 
-    def stop_tokens(self, tokenizer: Tokenizer) -> tuple[list[int], ...]:
-        return _encoded_stops(tokenizer, "<|eot_id|>")
-
 
 class Phi3(PromptStyle):
+    end_of_turn = "<|end|>"
+
     def apply(self, instruction: str, input: str = "", system: str | None = None, **kwargs: Any) -> str:
         head = f"<|system|>\n{system}<|end|>\n" if system else ""
         return f"{head}<|user|>\n{join_input(instruction, input)}<|end|>\n<|assistant|>\n"
 
-    def stop_tokens(self, tokenizer: Tokenizer) -> tuple[list[int], ...]:
-        return _encoded_stops(tokenizer, "<|end|>")
-
 
 class Gemma(PromptStyle):
     """Gemma has no system role; a given system text is prepended to the user turn."""
+
+    end_of_turn = "<end_of_turn>"
 
     def apply(self, instruction: str, input: str = "", system: str | None = None, **kwargs: Any) -> str:
         user = join_input(instruction, input)
         if system:
             user = f"{system}\n\n{user}"
         return f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
-
-    def stop_tokens(self, tokenizer: Tokenizer) -> tuple[list[int], ...]:
-        return _encoded_stops(tokenizer, "<end_of_turn>")
 
 
 class Llama2(PromptStyle):
@@ -189,13 +175,3 @@ prompt_styles: dict[str, type[PromptStyle]] = {
     "llama2": Llama2,
     "mistral": Mistral,
 }
-
-# First match wins, so more specific patterns come first.
-_model_family_styles: list[tuple[str, str]] = [
-    (r"llama-?3", "llama3"),
-    (r"llama-?2.*chat", "llama2"),
-    (r"mistral.*instruct|mixtral.*instruct", "mistral"),
-    (r"phi-?3", "phi3"),
-    (r"gemma.*-it\b|gemma.*instruct", "gemma"),
-    (r"qwen", "qwen2"),
-]
