@@ -69,8 +69,8 @@ def inline_spans(text: str) -> list[str]:
 
 
 def shell_commands(body: str) -> list[list[str]]:
-    """The command lines of a shell block as words: continuations joined, comments dropped, and the
-    body of a `for VAR in A B C; do ... done` loop repeated once per value."""
+    """The command lines of a shell block as words: continuations joined, comments dropped, `a && b` split,
+    and the body of a `for VAR in A B C; do ... done` loop repeated once per value."""
     found, loop = [], None
     for line in body.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
@@ -82,8 +82,8 @@ def shell_commands(body: str) -> list[list[str]]:
             loop = None
         elif loop:
             found += [[w.replace("$" + loop[0], value) for w in words] for value in loop[1]]
-        else:
-            found.append(words)
+        else:  # `a && b`: each its own command
+            found += [list(g) for is_and, g in itertools.groupby(words, lambda w: w == "&&") if not is_and]
     return found
 
 
