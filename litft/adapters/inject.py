@@ -1,11 +1,14 @@
 """Method-agnostic adapter plumbing: find target Linears, wrap them, freeze the rest,
 extract / load / save the adapter weights, merge and unload.
 
-Nothing here knows about LoRA's math. An "adapter module" is anything with a
-``base_layer`` attribute plus ``merge()`` / ``unmerge()`` methods (LoRALinear, and later
-DoRA / VeRA / QLoRA layers); an "adapter parameter" is one whose dotted name has a
-component starting with one of ``ADAPTER_PARAM_PREFIXES`` (extend the tuple, or pass
-your own predicate, for parameters like DoRA's ``magnitude``).
+Nothing here knows an adapter's math. An "adapter module" is anything with a ``base_layer``
+attribute plus ``merge()`` / ``unmerge()`` methods: today ``LoRALinear`` (``adapters/lora.py``) and
+its subclass ``DoRALinear`` (``adapters/dora.py``), each over a plain ``nn.Linear`` or, for QLoRA,
+a bitsandbytes 4/8-bit one (``adapters/quantize.py`` builds that base; the adapter is the same
+class). An "adapter parameter" is one whose dotted name has a component starting with one of
+``ADAPTER_PARAM_PREFIXES`` (``lora_``: LoRA's ``lora_A`` / ``lora_B`` and DoRA's
+``lora_magnitude``); a new adapter names its parameters so, extends the tuple, or passes its own
+predicate (``is_adapter_param``) to the functions that take one.
 """
 
 from __future__ import annotations
