@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from litft.adapters.inject import (adapter_state_dict, inject_adapters, load_adapter_state_dict,
+from litft.adapters.inject import (BIAS_MODES, adapter_state_dict, inject_adapters, load_adapter_state_dict,
                                    mark_only_adapters_trainable, resolve_targets, save_adapter, unload_adapters)
 from litft.adapters.lora import LoRALinear
 from litft.methods.base import METHOD_CONFIG, Finetune
@@ -17,6 +17,8 @@ from litft.utils import LitftError, atomic_write_text
 
 
 class LoRA(Finetune):
+    """LoRA: a frozen base with trainable low-rank updates B·A on the chosen Linear layers."""
+
     weights_file = "adapter.safetensors"
 
     def __init__(
@@ -55,7 +57,19 @@ class LoRA(Finetune):
                 targets must equal this run's.
         """
         super().__init__(**kwargs)
-        self.targets = resolve_targets(targets)  # validates names early, before any model loads
+        # every option is checked here, before any model loads (the adapter layers check again, for library use)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise LitftError(f"r (the LoRA rank) must be an integer >= 1, got {r!r}: e.g. --r 8")
+        if not alpha > 0:
+            raise LitftError(f"alpha must be > 0, got {alpha!r}: e.g. --alpha 16 (the update is scaled by alpha / r)")
+        if not 0 <= dropout < 1:
+            raise LitftError(f"dropout must satisfy 0 <= dropout < 1, got {dropout!r}: e.g. --dropout 0.05")
+        if bias not in BIAS_MODES:
+            raise LitftError(f"unknown bias {bias!r}: use one of {', '.join(BIAS_MODES)}")
+        try:
+            self.targets = resolve_targets(targets)
+        except (ValueError, TypeError) as e:
+            raise LitftError(f"--targets: {e}") from None
         self.r, self.alpha, self.dropout, self.bias, self.use_rslora = r, alpha, dropout, bias, use_rslora
         if quantize is not None:  # mode and bitsandbytes version checked now, before any model loads
             from litft.adapters.quantize import check_quantize
