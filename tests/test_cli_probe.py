@@ -113,7 +113,8 @@ CASES: list[tuple[list[str], str]] = [
 
 def _case_id(case: tuple[list[str], str]) -> str:
     args = case[0]
-    words = args[:2] + args[len(FT):] if args[:len(FT)] == FT or args[:len(GEN)] == GEN else args
+    prefix = next((p for p in (FT, GEN) if args[:len(p)] == p), [])
+    words = args[:1 + (prefix == FT)] + args[len(prefix):] if prefix else args
     return " ".join(Path(w).name if "/" in w else w for w in words)[:60] or "(nothing)"
 
 
