@@ -83,7 +83,9 @@ def finetune_command(method_cls: type) -> Callable[..., Any]:
         method_kwargs = {k: v for k, v in kwargs.items() if k not in run_names}
         if run_kwargs.get("data") is None:
             raise LitftError("no data: pass --data JSON --data.json_path FILE (or a --config with a data section)")
-        return finetune(method_cls(**method_kwargs), **run_kwargs)
+        method = method_cls(**method_kwargs)
+        check_optimizer_options(method)
+        return finetune(method, **run_kwargs)
 
     required = [p for p in m_params if p.default is inspect.Parameter.empty]
     optional = [p for p in m_params if p.default is not inspect.Parameter.empty]
@@ -97,6 +99,29 @@ def finetune_command(method_cls: type) -> Callable[..., Any]:
     command.__doc__ = "\n".join(lines)
     command.__name__ = method_cls.__name__.lower()
     return command
+
+
+def check_optimizer_options(method: Any) -> None:
+    """Build the optimizer once on a dummy parameter, so --optimizer_args {"foo": 1} or --betas [0.9, 2] is
+    one clear error now rather than a traceback after the model has loaded."""
+    import torch
+
+    from litft.methods.base import _init_params, resolve_optimizer
+
+    h = method.hparams
+    optimizer_cls = resolve_optimizer(h.optimizer)
+    if h.optimizer_args is not None and not isinstance(h.optimizer_args, dict):
+        raise LitftError(f"optimizer_args must be a mapping (e.g. '{{\"eps\": 1e-6}}'), got {h.optimizer_args!r}")
+    if "lr" in (h.optimizer_args or {}):
+        raise LitftError("optimizer_args sets lr: use --lr")
+    kwargs = dict(lr=h.lr, **(h.optimizer_args or {}))
+    if "betas" in _init_params(optimizer_cls):
+        kwargs.setdefault("betas", tuple(h.betas))
+    try:
+        optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise LitftError(f"{h.optimizer} does not take these options ({' '.join(str(e).split())}): check --betas, --lr "
+                         f"and --optimizer_args") from None
 
 
 def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: Path | None = None,

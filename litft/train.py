@@ -199,6 +199,9 @@ def check_train_args(train: TrainArgs, devices: int, eval: EvalArgs | None = Non
         raise LitftError("train.max_steps must be >= 1")
     if train.max_steps is None and train.epochs < 1:
         raise LitftError(f"train.epochs must be >= 1, got {train.epochs} (or set train.max_steps)")
+    if train.max_seq_length is not None and train.max_seq_length < 1:
+        raise LitftError(f"train.max_seq_length must be >= 1 (or null: the model's context length), got "
+                         f"{train.max_seq_length}")
     if train.log_interval < 1:
         raise LitftError(f"train.log_interval must be >= 1, got {train.log_interval}")
     if train.save_interval is not None and train.save_interval < 0:

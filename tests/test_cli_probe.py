@@ -3,7 +3,8 @@ naming the problem and the fix, a non-zero exit, no traceback, and nothing writt
 
 The cases run in-process through `litft.cli.main` (a subprocess costs ~5 s of imports each); one
 subprocess checks the real entry point. To add a case: append (args, expected substring) to CASES;
-`{base}`, `{out}`, `{tmp}`, `{hf}` and the `{bad_*}` names below are filled in per test.
+`{base}`, `{out}`, `{tmp}`, `{hf}` and the `{bad_*}` names below are filled in per test (a literal brace
+is doubled: `{{`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ CASES: list[tuple[list[str], str]] = [
     (FT + ["--optimizer", "os.system"], "unknown optimizer"),
     (FT + ["--quantize", "nf4"], "bnb.nf4"),
     (FT + ["--init_adapter", "{tmp}/nope"], "init_adapter"),
+    (FT + ["--optimizer_args", '{{"foo": 1}}'], "unexpected keyword argument 'foo'"),
+    (FT + ["--optimizer_args", '{{"lr": 1}}'], "use --lr"),
+    (FT + ["--betas", "[0.9, 2]"], "Invalid beta parameter"),
     # run options
     (FT + ["--precision", "bf17"], "unknown precision 'bf17'"),
     (FT + ["--strategy", "fsdp"], "--strategy ddp"),
@@ -56,6 +60,11 @@ CASES: list[tuple[list[str], str]] = [
     (FT + ["--seed", "-1"], "seed must be an integer"),
     (FT + ["--train.log_interval", "0"], "train.log_interval must be >= 1"),
     (FT + ["--train.max_norm", "-1"], "train.max_norm must be > 0"),
+    (FT + ["--train.max_seq_length", "-5"], "train.max_seq_length must be >= 1"),
+    (FT + ["--eval.exact_match_samples", "-1"], "eval.exact_match_samples >= 0"),
+    (FT + ["--min_lr_ratio", "2"], "min_lr_ratio"),
+    (FT + ["--resume", "{tmp}/nope"], "not a resumable checkpoint"),
+    (FT + ["--data", "os.system"], "does not correspond to a subclass of DataModule"),
     (FT + ["--train.micro_batch_size", "0"], "train.micro_batch_size"),
     (FT + ["--train.global_batch_size", "3"], "multiple of"),
     (FT + ["--eval.max_iters", "0"], "eval.max_iters >= 1"),
@@ -108,6 +117,10 @@ CASES: list[tuple[list[str], str]] = [
     (["download", "{tmp}/a_file", "--checkpoint_dir", "{out}"], "neither a local directory nor a Hugging Face repo id"),
     (["download", "{base}", "--checkpoint_dir", "{out}", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     (["merge_lora", "{tmp}/nope", "--out_dir", "{out}"], "method_config.yaml"),
+    (["merge_lora", "{tmp}/a_file", "--out_dir", "{out}"], "method_config.yaml"),
+    (["export_peft", "{tmp}/a_file", "{out}"], "litft import_peft"),
+    (["import_peft", "{tmp}/a_file", "--checkpoint_dir", "{base}", "--out_dir", "{out}"], "not found"),
+    (["plot", "{tmp}/a_file", "--out", "{out}/plot.png"], "val/loss"),
 ]
 
 
@@ -197,11 +210,10 @@ def test_hub_errors_name_cause_and_fix():
 
 
 def test_entry_point_prints_one_line(tmp_path):
-    """The real console entry point (a subprocess: what a user sees), for a parse error and a value error."""
-    for args, expected in ((["finetune", "lora", "--config", DEMO, "--train.max_stpes", "5"], "Did you mean"),
-                           (["generate", str(BASE), "--top_p", "2"], "top_p")):
-        proc = subprocess.run([sys.executable, "-m", "litft.cli", *args], capture_output=True, text=True, cwd=tmp_path,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-        assert proc.returncode == 1, proc.stderr[-2000:]
-        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("litft: error:") and expected in proc.stderr
-        assert not any(tmp_path.iterdir())
+    """The real console entry point (a subprocess: what a user sees): no usage block above the error."""
+    args = ["finetune", "lora", "--config", DEMO, "--train.max_stpes", "5"]
+    proc = subprocess.run([sys.executable, "-m", "litft.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("litft: error:") and "Did you mean" in proc.stderr
+    assert not any(tmp_path.iterdir())
