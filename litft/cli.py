@@ -322,6 +322,13 @@ def parse_error_line(error: Exception) -> str:
         close = difflib.get_close_matches(not_accepted.group(1), options, n=1)
         hint = f" Did you mean --{key.group(1)}.{close[0]}?" if close else ""
         return f"unknown option --{key.group(1)}.{not_accepted.group(1)}.{hint}{where}"
+    not_a_class = re.search(r"Expected a dot import path string: (\S+)|Import path (\S+) does not correspond to a "
+                            r"subclass of (\w+)", message)
+    if key and not_a_class:  # --data Nope, --data os.system
+        given = not_a_class.group(1) or not_a_class.group(2)
+        return (f"invalid value for --{key.group(1)}: {given!r} is not a DataModule: use e.g. "
+                f"--data JSON (or Alpaca, or the import path of your own DataModule subclass){where}"
+                if key.group(1) == "data" else f"invalid value for --{key.group(1)}: {given!r}{where}")
     if key:  # a value of the wrong type: "expected int, got 'abc'"
         expected = [re.sub(r"<class '([\w.]+)'>", r"\1", e).replace("NoneType", "null").strip() for e in
                     re.findall(r"Expected an? ([^\n]+?)(?:\. Got value: .*)?$", message, flags=re.M)]

@@ -154,7 +154,8 @@ def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_to
         try:
             snapshot_download(repo_id, local_dir=out, allow_patterns=patterns, token=access_token)
         except Exception as e:
-            raise LitftError(hub_error_line(repo_id, e) + f" (what arrived stays in {out}: the next run resumes)") from None
+            raise LitftError(f"{hub_error_line(repo_id, e)} (what arrived stays in {out}: the next run resumes)") \
+                from None
     return convert_to_litft(out, dtype=dtype)
 
 

@@ -173,7 +173,8 @@ def check_run_args(out_dir: Path, devices: int, strategy: str, precision: str | 
     elif strategy not in strategies:
         close = difflib.get_close_matches(strategy, strategies, n=1)
         hint = f" Did you mean {close[0]}?" if close else ""
-        raise LitftError(f"unknown strategy {strategy!r}.{hint} Use auto, ddp, fsdp, ...: one of {', '.join(strategies)}")
+        raise LitftError(f"unknown strategy {strategy!r}.{hint} Use auto, ddp, fsdp, ...: one of "
+                         f"{', '.join(strategies)}")
     if "fsdp" in strategy and not torch.cuda.is_available():
         raise LitftError(f"--strategy {strategy} needs CUDA GPUs, and this machine has none: on CPU use --strategy ddp "
                          "(with --devices N) or auto")
