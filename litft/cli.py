@@ -139,9 +139,15 @@ def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: P
     from litft.checkpoint import save_checkpoint
     from litft.methods.base import load_method
 
+    from litft.convert import check_out_dir
+
     if merge_into not in ("original", "dequantized"):
         raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
-    method = load_method(adapter_dir, checkpoint_dir)
+    check_out_dir(out_dir)
+    try:
+        method = load_method(adapter_dir, checkpoint_dir)
+    except ValueError as e:  # the adapter's shapes or names do not fit this base model
+        raise LitftError(f"{adapter_dir}: {e}; pass the base model it was trained on as --checkpoint_dir") from None
     quantized = getattr(method, "quantize", None)
     model = method.merged_model(into=merge_into) if quantized else method.merged_model()
     config = model.config

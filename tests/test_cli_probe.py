@@ -21,6 +21,7 @@ import lightning  # noqa: F401  (imported now, so its log handler binds to pytes
 import pytest
 
 from litft.cli import main
+from tests.helpers import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "litft" / "demo" / "base"
@@ -119,6 +120,10 @@ CASES: list[tuple[list[str], str]] = [
     (["download", "{base}", "--checkpoint_dir", "{out}", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     (["merge_lora", "{tmp}/nope", "--out_dir", "{out}"], "method_config.yaml"),
     (["merge_lora", "{tmp}/a_file", "--out_dir", "{out}"], "method_config.yaml"),
+    (["merge_lora", "{run}", "--out_dir", "{tmp}/a_file"], "is a file, not a directory"),
+    # an adapter trained on the demo base, used with another base model
+    (["merge_lora", "{run}", "--checkpoint_dir", "{other}", "--out_dir", "{out}"], "trained on as --checkpoint_dir"),
+    (["generate", "{other}", "--adapter_dir", "{run}", "--max_new_tokens", "2"], "adapter weights do not fit"),
     (["export_peft", "{tmp}/a_file", "{out}"], "litft import_peft"),
     (["import_peft", "{tmp}/a_file", "--checkpoint_dir", "{base}", "--out_dir", "{out}"], "not found"),
     (["plot", "{tmp}/a_file", "--out", "{out}/plot.png"], "val/loss"),
@@ -151,9 +156,12 @@ def files(tmp_path_factory) -> dict[str, str]:
     (tmp / "empty.json").write_text("[]")
     (tmp / "broken.yaml").write_text("{not: [yaml")
     (tmp / "a_file").write_text("x")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         convert_from_litft(BASE, tmp / "hf")
-    return {"tmp": str(tmp), "base": str(BASE), "hf": str(tmp / "hf"), **names}
+        main([a.format(base=BASE, out=tmp / "run") for a in FT] + ["--r", "2"])  # a real adapter run, one step
+    make_checkpoint(tmp / "other")  # another base model (other shapes)
+    return {"tmp": str(tmp), "base": str(BASE), "hf": str(tmp / "hf"), "run": str(tmp / "run" / "final"),
+            "other": str(tmp / "other"), **names}
 
 
 def _snapshot(d: Path) -> set[str]:
