@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning  # noqa: F401  (imported now, so its log handler binds to pytest's stderr, not one test's capsys)
 import pytest
+import torch
 
 from litft.cli import main
 from tests.helpers import make_checkpoint
@@ -34,7 +35,7 @@ FT = ["finetune", "lora", "--config", DEMO, "--checkpoint_dir", "{base}", "--out
       "--logger_name", "none"]
 GEN = ["generate", "{base}", "--max_new_tokens", "2"]
 
-CASES: list[tuple[list[str], str]] = [
+CASES: list = [  # (args, expected substring), or a pytest.param of one
     # method options (issue 14's list)
     (FT + ["--r", "0"], "r (the LoRA rank) must be an integer >= 1"),
     (FT + ["--r", "-1"], "--r 8"),
@@ -53,7 +54,8 @@ CASES: list[tuple[list[str], str]] = [
     (FT + ["--betas", "[0.9, 2]"], "Invalid beta parameter"),
     # run options
     (FT + ["--precision", "bf17"], "unknown precision 'bf17'"),
-    (FT + ["--strategy", "fsdp"], "--strategy ddp"),
+    pytest.param((FT + ["--strategy", "fsdp"], "--strategy ddp"), id="finetune lora --strategy fsdp (CPU)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fsdp is a valid strategy on GPUs")),
     (FT + ["--strategy", "nonsense"], "unknown strategy 'nonsense'"),
     (FT + ["--devices", "0"], "devices must be an integer >= 1"),
     (FT + ["--devices", "-1"], "devices must be an integer >= 1"),
@@ -130,8 +132,10 @@ CASES: list[tuple[list[str], str]] = [
 ]
 
 
-def _case_id(case: tuple[list[str], str]) -> str:
+def _case_id(case: tuple[list[str], str]) -> str | None:
     args = case[0]
+    if not isinstance(args, list):  # a pytest.param carries its own id
+        return None
     prefix = next((p for p in (FT, GEN) if args[:len(p)] == p), [])
     words = args[:1 + (prefix == FT)] + args[len(prefix):] if prefix else args
     return " ".join(Path(w).name if "/" in w else w for w in words)[:60] or "(nothing)"
