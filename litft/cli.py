@@ -137,9 +137,8 @@ def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: P
             trained against. Runs on a full-precision base ignore it.
     """
     from litft.checkpoint import save_checkpoint
-    from litft.methods.base import load_method
-
     from litft.convert import check_out_dir
+    from litft.methods.base import load_method
 
     if merge_into not in ("original", "dequantized"):
         raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
