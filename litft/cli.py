@@ -228,7 +228,7 @@ def _check_config_files(argv: list[str], components: dict[str, Any]) -> None:
                 raise LitftError(f"{path}: config file not found")
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise LitftError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
             check_config_keys(data, node, str(path))
 
@@ -328,9 +328,10 @@ def parse_error_line(error: Exception) -> str:
         hint = f" Did you mean --{key.group(1)}.{close[0]}?" if close else ""
         return f"unknown option --{key.group(1)}.{not_accepted.group(1)}.{hint}{where}"
     not_a_class = re.search(r"Expected a dot import path string: (\S+)|Import path (\S+) does not correspond to a "
-                            r"subclass of (\w+)", message)
-    if key and not_a_class:  # --data Nope, --data os.system
-        given = not_a_class.group(1) or not_a_class.group(2)
+                            r"subclass of \w+|Not a valid subclass of \w+\. Got value: (.*?)(?: Subclass types|$)",
+                            " ".join(message.split()))
+    if key and not_a_class:  # --data Nope, --data os.system, data: 5 in a config
+        given = next(g for g in not_a_class.groups() if g is not None)
         return (f"invalid value for --{key.group(1)}: {given!r} is not a DataModule: use e.g. "
                 f"--data JSON (or Alpaca, or the import path of your own DataModule subclass){where}"
                 if key.group(1) == "data" else f"invalid value for --{key.group(1)}: {given!r}{where}")

@@ -93,6 +93,8 @@ CASES: list = [  # (args, expected substring), or a pytest.param of one
     (["export_peft", "{tmp}/nope"], "missing required argument(s) OUT_DIR"),
     (["finetune", "lora", "--config", "{tmp}/nope.yaml"], "config file not found"),
     (["finetune", "lora", "--config", "{tmp}/broken.yaml"], "invalid YAML"),
+    (["finetune", "lora", "--config", "{tmp}/binary.yaml"], "invalid YAML"),
+    (["finetune", "lora", "--config", "{tmp}/data5.yaml", "--checkpoint_dir", "{base}"], "invalid value for --data: '5'"),
     # the base model's files
     (FT + ["--checkpoint_dir", "{tmp}/nope"], "checkpoint directory not found"),
     (FT + ["--checkpoint_dir", "{bad_field}"], "unknown model config key 'n_layers'. Did you mean 'n_layer'?"),
@@ -100,6 +102,9 @@ CASES: list = [  # (args, expected substring), or a pytest.param of one
     (FT + ["--checkpoint_dir", "{bad_yaml}"], "model_config.yaml: not a valid YAML file"),
     (FT + ["--checkpoint_dir", "{bad_type}"], "n_layer must be int, got 'four'"),
     (FT + ["--checkpoint_dir", "{bad_size}"], "n_head must be an integer >= 1"),
+    (FT + ["--checkpoint_dir", "{no_tokenizer}"], "No tokenizer found"),
+    (FT + ["--checkpoint_dir", "{truncated}"], "truncated or corrupt"),
+    (["generate", "{truncated}"], "truncated or corrupt"),
     # data
     (FT + ["--data.json_path", "{tmp}/empty.json"], "contains no samples"),
     (FT + ["--data.json_path", "{tmp}/missing.json"], "does not exist"),
@@ -160,9 +165,16 @@ def files(tmp_path_factory) -> dict[str, str]:
         shutil.copytree(BASE, tmp / name)
         (tmp / name / "model_config.yaml").write_text(text)
         names[name] = str(tmp / name)
+    shutil.copytree(BASE, tmp / "no_tokenizer")
+    (tmp / "no_tokenizer" / "tokenizer.json").unlink()
+    shutil.copytree(BASE, tmp / "truncated")
+    (tmp / "truncated" / "model.safetensors").write_bytes((BASE / "model.safetensors").read_bytes()[:1000])
+    names.update(no_tokenizer=str(tmp / "no_tokenizer"), truncated=str(tmp / "truncated"))
     (tmp / "empty.json").write_text("[]")
     (tmp / "broken.yaml").write_text("{not: [yaml")
     (tmp / "a_file").write_text("x")
+    (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp / "data5.yaml").write_text("data: 5\n")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         convert_from_litft(BASE, tmp / "hf")
         main([a.format(base=BASE, out=tmp / "run") for a in FT] + ["--r", "2"])  # a real adapter run, one step
