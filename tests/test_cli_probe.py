@@ -49,6 +49,10 @@ CASES: list = [  # (args, expected substring), or a pytest.param of one
     (FT + ["--optimizer", "os.system"], "unknown optimizer"),
     (FT + ["--quantize", "nf4"], "bnb.nf4"),
     (FT + ["--init_adapter", "{tmp}/nope"], "init_adapter"),
+    (FT + ["--init_adapter", "{adapter_bad_yaml}"], "unreadable method_config.yaml"),
+    (FT + ["--init_adapter", "{adapter_list}"], "unreadable method_config.yaml"),
+    (FT + ["--init_adapter", "{adapter_int_args}"], "unreadable method_config.yaml"),
+    (FT + ["--init_adapter", "{adapter_bad_alpha}"], "unreadable method_config.yaml"),
     (FT + ["--optimizer_args", '{{"foo": 1}}'], "unexpected keyword argument 'foo'"),
     (FT + ["--optimizer_args", '{{"lr": 1}}'], "use --lr"),
     (FT + ["--betas", "[0.9, 2]"], "Invalid beta parameter"),
@@ -170,6 +174,12 @@ def files(tmp_path_factory) -> dict[str, str]:
     shutil.copytree(BASE, tmp / "truncated")
     (tmp / "truncated" / "model.safetensors").write_bytes((BASE / "model.safetensors").read_bytes()[:1000])
     names.update(no_tokenizer=str(tmp / "no_tokenizer"), truncated=str(tmp / "truncated"))
+    for name, text in {"adapter_bad_yaml": "a: [1,\n: :", "adapter_list": "- 1\n", "adapter_int_args": "init_args: 5\n",
+                       "adapter_bad_alpha": "init_args: {r: 16, alpha: lots}\n"}.items():
+        (tmp / name).mkdir()
+        (tmp / name / "method_config.yaml").write_text(text)
+        (tmp / name / "adapter.safetensors").write_text("x")
+        names[name] = str(tmp / name)
     (tmp / "empty.json").write_text("[]")
     (tmp / "broken.yaml").write_text("{not: [yaml")
     (tmp / "a_file").write_text("x")

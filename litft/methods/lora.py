@@ -87,10 +87,18 @@ class LoRA(Finetune):
         if not cfg_path.is_file() or not weights.is_file():
             raise LitftError(f"init_adapter {run_dir}: expected {METHOD_CONFIG} and {self.weights_file} there (the final/ "
                              "directory of a LoRA-family run, or the output of `litft import_peft`)")
-        args = (yaml.safe_load(cfg_path.read_text()) or {}).get("init_args", {})
+        try:  # a file from elsewhere: any content must end in one clear error
+            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+            args = cfg.get("init_args", {}) if isinstance(cfg, dict) else None
+            if not isinstance(args, dict):
+                raise ValueError("expected a mapping with an init_args mapping")
+            theirs = {"r": args.get("r"), "alpha": float(args.get("alpha", 0)),
+                      "use_rslora": args.get("use_rslora", False),
+                      "targets": sorted(resolve_targets(args.get("targets") or "all-linear"))}
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError) as e:
+            raise LitftError(f"init_adapter {run_dir}: unreadable {METHOD_CONFIG} ({' '.join(str(e).split())[:200]}); "
+                             "pass the final/ directory of a LoRA-family run") from None
         mine = {"r": self.r, "alpha": float(self.alpha), "use_rslora": self.use_rslora, "targets": sorted(self.targets)}
-        theirs = {"r": args.get("r"), "alpha": float(args.get("alpha", 0)), "use_rslora": args.get("use_rslora", False),
-                  "targets": sorted(resolve_targets(args.get("targets") or "all-linear"))}
         differ = [f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if theirs[k] != mine[k]]
         if differ:
             raise LitftError(f"init_adapter {run_dir} does not fit this run ({'; '.join(differ)}): pass the same values "
