@@ -206,7 +206,10 @@ def check_config_keys(data: Any, fn: Callable, source: str) -> None:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise LitftError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(params)}")
         annotation = params[key].annotation
-        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        if dataclasses.is_dataclass(annotation) and not isinstance(value, dict):
+            fields = [f.name for f in dataclasses.fields(annotation)]
+            raise LitftError(f"{source}: {key} must be a mapping of its settings ({', '.join(fields)}), got {value!r}")
+        if dataclasses.is_dataclass(annotation):
             fields = [f.name for f in dataclasses.fields(annotation)]
             for sub in value:
                 if sub not in fields:
@@ -335,6 +338,10 @@ def parse_error_line(error: Exception) -> str:
         return (f"invalid value for --{key.group(1)}: {given!r} is not a DataModule: use e.g. "
                 f"--data JSON (or Alpaca, or the import path of your own DataModule subclass){where}"
                 if key.group(1) == "data" else f"invalid value for --{key.group(1)}: {given!r}{where}")
+    no_config = re.search(r"Unable to load config '([^']*)'", message)
+    if key and no_config:  # --train 5: a dataclass option takes a YAML file or its fields one by one
+        return (f"invalid value for --{key.group(1)}: {no_config.group(1)!r} is not a YAML file or mapping; set its "
+                f"fields one by one (--{key.group(1)}.NAME VALUE){where}")
     if key:  # a value of the wrong type: "expected int, got 'abc'"
         expected = [re.sub(r"<class '([\w.]+)'>", r"\1", e).replace("NoneType", "null").strip() for e in
                     re.findall(r"Expected an? ([^\n]+?)(?:\. Got value: .*)?$", message, flags=re.M)]

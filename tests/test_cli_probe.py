@@ -98,6 +98,8 @@ CASES: list = [  # (args, expected substring), or a pytest.param of one
     (["finetune", "lora", "--config", "{tmp}/nope.yaml"], "config file not found"),
     (["finetune", "lora", "--config", "{tmp}/broken.yaml"], "invalid YAML"),
     (["finetune", "lora", "--config", "{tmp}/binary.yaml"], "invalid YAML"),
+    (["finetune", "lora", "--config", "{tmp}/train5.yaml"], "train must be a mapping of its settings"),
+    (FT + ["--train", "5"], "set its fields one by one (--train.NAME VALUE)"),
     (["finetune", "lora", "--config", "{tmp}/data5.yaml", "--checkpoint_dir", "{base}"], "invalid value for --data: '5'"),
     # the base model's files
     (FT + ["--checkpoint_dir", "{tmp}/nope"], "checkpoint directory not found"),
@@ -185,6 +187,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     (tmp / "a_file").write_text("x")
     (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00 not text")
     (tmp / "data5.yaml").write_text("data: 5\n")
+    (tmp / "train5.yaml").write_text("train: 5\n")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         convert_from_litft(BASE, tmp / "hf")
         main([a.format(base=BASE, out=tmp / "run") for a in FT] + ["--r", "2"])  # a real adapter run, one step
