@@ -100,7 +100,8 @@ CASES: list = [  # (args, expected substring), or a pytest.param of one
     (["finetune", "lora", "--config", "{tmp}/binary.yaml"], "invalid YAML"),
     (["finetune", "lora", "--config", "{tmp}/train5.yaml"], "train must be a mapping of its settings"),
     (FT + ["--train", "5"], "set its fields one by one (--train.NAME VALUE)"),
-    (["finetune", "lora", "--config", "{tmp}/data5.yaml", "--checkpoint_dir", "{base}"], "invalid value for --data: '5'"),
+    (["finetune", "lora", "--config", "{tmp}/data5.yaml", "--checkpoint_dir", "{base}"],
+     "invalid value for --data: '5'"),
     # the base model's files
     (FT + ["--checkpoint_dir", "{tmp}/nope"], "checkpoint directory not found"),
     (FT + ["--checkpoint_dir", "{bad_field}"], "unknown model config key 'n_layers'. Did you mean 'n_layer'?"),
