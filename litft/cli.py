@@ -9,7 +9,9 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
+
+from jsonargparse import ArgumentError, ArgumentParser
 
 from litft.utils import LitftError
 
@@ -60,7 +62,9 @@ def finetune_command(method_cls: type) -> Callable[..., Any]:
     required = [p for p in m_params if p.default is inspect.Parameter.empty]
     optional = [p for p in m_params if p.default is not inspect.Parameter.empty]
     command.__signature__ = inspect.Signature(required + run_params + optional)
-    summary = (inspect.getdoc(method_cls) or f"Fine-tune with {method_cls.__name__}.").split("\n")[0]
+    # the class's own docstring: inspect.getdoc would fall back to a base class's (LightningModule's hooks)
+    summary = (inspect.cleandoc(vars(method_cls).get("__doc__") or "") or f"Fine-tune with {method_cls.__name__}.")
+    summary = summary.split("\n")[0]
     lines = [summary, "", "Args:"]
     for p in command.__signature__.parameters.values():
         lines.append(f"    {p.name}: {' '.join(docs.get(p.name, '').split())}")
@@ -82,11 +86,16 @@ def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: P
             trained against. Runs on a full-precision base ignore it.
     """
     from litft.checkpoint import save_checkpoint
+    from litft.convert import check_out_dir
     from litft.methods.run_dir import load_method
 
     if merge_into not in ("original", "dequantized"):
         raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
-    method = load_method(adapter_dir, checkpoint_dir)
+    check_out_dir(out_dir)
+    try:
+        method = load_method(adapter_dir, checkpoint_dir)
+    except ValueError as e:  # the adapter's shapes or names do not fit this base model
+        raise LitftError(f"{adapter_dir}: {e}; pass the base model it was trained on as --checkpoint_dir") from None
     quantized = getattr(method, "quantize", None)
     model = method.merged_model(into=merge_into) if quantized else method.merged_model()
     config = model.config
@@ -140,7 +149,10 @@ def check_config_keys(data: Any, fn: Callable, source: str) -> None:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise LitftError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(params)}")
         annotation = params[key].annotation
-        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        if dataclasses.is_dataclass(annotation) and not isinstance(value, dict):
+            fields = [f.name for f in dataclasses.fields(annotation)]
+            raise LitftError(f"{source}: {key} must be a mapping of its settings ({', '.join(fields)}), got {value!r}")
+        if dataclasses.is_dataclass(annotation):
             fields = [f.name for f in dataclasses.fields(annotation)]
             for sub in value:
                 if sub not in fields:
@@ -162,8 +174,8 @@ def _check_config_files(argv: list[str], components: dict[str, Any]) -> None:
                 raise LitftError(f"{path}: config file not found")
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise LitftError(f"{path}: invalid YAML: {e}") from e
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise LitftError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
             check_config_keys(data, node, str(path))
 
 
@@ -182,7 +194,108 @@ def run(argv: list[str] | None = None) -> Any:
     _check_config_files(argv, components)
     onednn_enabled()  # validates LITFT_CPU_MATMUL before any work, not at the first matmul
     native.kernels_choice()  # and LITFT_CPU_KERNELS
-    return CLI(components, args=argv)
+    try:  # allow_abbrev=False: `--train.max_step 5` must not silently mean --train.max_steps
+        return CLI(components, args=argv, parser_class=_Parser, prog="litft", allow_abbrev=False,
+                   exit_on_error=False)
+    except ArgumentError as e:
+        raise LitftError(parse_error_line(e)) from None
+
+
+class _Parser(ArgumentParser):
+    """jsonargparse's parser, but a parse error is raised (not printed under ~45 lines of usage) and
+    remembers which (sub)command parser found it, so the error line can name that command's options."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        try:
+            super().error(message, ex)  # exit_on_error=False: raises ArgumentError
+        except ArgumentError as e:
+            if not hasattr(e, "parser"):
+                e.parser = self
+            raise
+
+
+def parse_error_line(error: Exception) -> str:
+    """One line for a jsonargparse error: what is wrong, a "did you mean" where one is close, and where to look."""
+    import difflib
+    import re
+
+    parsers = []  # the parsers the error passed through, innermost last
+    cause: BaseException | None = error
+    while cause is not None:
+        if getattr(cause, "parser", None) is not None:
+            parsers.append(cause.parser)
+        cause = cause.__cause__
+    commands = [p for p in parsers if p.prog.startswith("litft")]
+    command = commands[-1] if commands else None
+    where = f" (see `{command.prog.replace(' [options]', '')} --help`)" if command is not None else ""
+    message = str(error).strip()
+
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown and command is not None:
+        option = unknown.group(1).split("=", 1)[0]
+        close = difflib.get_close_matches(option, list(command._option_string_actions), n=1, cutoff=0.75)
+        if close:
+            return f"unknown option {option}. Did you mean {close[0]}?{where}"
+        siblings = getattr(getattr(command, "parent_parser", None), "_subcommands_action", None)
+        owners = [name for name, p in (siblings._name_parser_map.items() if siblings else [])
+                  if option in p._option_string_actions]
+        if owners:
+            return f"unknown option {option} for `{command.prog.replace(' [options]', '')}`: it is an option of " \
+                   f"{', '.join(owners)}{where}"
+        return f"unknown option {option}{where}"
+    choice = re.match(r"argument subcommand: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        names = re.findall(r"'([^']*)'", choice.group(2))
+        close = difflib.get_close_matches(choice.group(1), names, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        return f"unknown command {choice.group(1)!r}.{hint} Choose from: {', '.join(names)}{where}"
+    missing_command = re.match(r'expected "((?:\w+\.)*)subcommand" to be one of', message)
+    if missing_command and parsers:
+        parser, path = parsers[-1], missing_command.group(1).strip(".").split(".") if missing_command.group(1) else []
+        for name in path:
+            parser = parser._subcommands_action._name_parser_map[name]
+        names = [n for n in parser._subcommands_action._name_parser_map]
+        prog = " ".join(["litft", *path])
+        return f"`{prog}` needs a command: one of {', '.join(names)} (see `{prog} --help`)"
+    required = re.match(r"the following arguments are required: (.*)", message)
+    if required:
+        names = [n.strip() for n in required.group(1).split(",")]
+        path = names[0].split(".")[:-1]
+        parser = parsers[-1] if parsers else None
+        for name in path if parser is not None else []:
+            parser = parser._subcommands_action._name_parser_map[name]
+        positional = {a.dest for a in parser._actions if not a.option_strings} if parser is not None else set()
+        shown = ", ".join(n.split(".")[-1].upper() if n.split(".")[-1] in positional else f"--{n.split('.')[-1]}"
+                          for n in names)
+        prog = " ".join(["litft", *path])
+        return f"missing required argument(s) {shown} (see `{prog} --help`)"
+    key = re.match(r'Parser key "([^"]+)":', message)
+    not_accepted = re.search(r"Option '([^']+)' is not accepted", message)
+    if key and not_accepted:  # a misspelt option of a class-typed argument (--data.json_pat)
+        options = [o.lstrip("-").split(".")[-1] for p in parsers[len(commands):] for o in p._option_string_actions]
+        close = difflib.get_close_matches(not_accepted.group(1), options, n=1)
+        hint = f" Did you mean --{key.group(1)}.{close[0]}?" if close else ""
+        return f"unknown option --{key.group(1)}.{not_accepted.group(1)}.{hint}{where}"
+    not_a_class = re.search(r"Expected a dot import path string: (\S+)|Import path (\S+) does not correspond to a "
+                            r"subclass of \w+|Not a valid subclass of \w+\. Got value: (.*?)(?: Subclass types|$)",
+                            " ".join(message.split()))
+    if key and not_a_class:  # --data Nope, --data os.system, data: 5 in a config
+        given = next(g for g in not_a_class.groups() if g is not None)
+        return (f"invalid value for --{key.group(1)}: {given!r} is not a DataModule: use e.g. "
+                f"--data JSON (or Alpaca, or the import path of your own DataModule subclass){where}"
+                if key.group(1) == "data" else f"invalid value for --{key.group(1)}: {given!r}{where}")
+    no_config = re.search(r"Unable to load config '([^']*)'", message)
+    if key and no_config:  # --train 5: a dataclass option takes a YAML file or its fields one by one
+        return (f"invalid value for --{key.group(1)}: {no_config.group(1)!r} is not a YAML file or mapping; set its "
+                f"fields one by one (--{key.group(1)}.NAME VALUE){where}")
+    if key:  # a value of the wrong type: "expected int, got 'abc'"
+        expected = [re.sub(r"<class '([\w.]+)'>", r"\1", e).replace("NoneType", "null").strip() for e in
+                    re.findall(r"Expected an? ([^\n]+?)(?:\. Got value: .*)?$", message, flags=re.M)]
+        given = re.search(r"(?:Given|Got) value: (.*)$", message, flags=re.M)
+        if expected and given:
+            return f"invalid value for --{key.group(1)}: expected {' or '.join(dict.fromkeys(expected))}, got " \
+                   f"{given.group(1)!r}{where}"
+    return " ".join(message.split()) + where
 
 
 def _words_to_list(argv: list[str], components: dict[str, Any]) -> list[str]:

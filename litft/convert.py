@@ -22,6 +22,13 @@ from litft.utils import LitftError, atomic_write_text
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def check_out_dir(out_dir: Path | str | None) -> Path | None:
+    """An output directory that cannot be one (an existing file), named before any work."""
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise LitftError(f"out_dir {out_dir} is a file, not a directory: pass another --out_dir")
+    return Path(out_dir) if out_dir is not None else None
+
+
 def hf_weight_files(hf_dir: Path) -> list[Path]:
     """The HF weight files of a directory: sharded (via the index) or single, safetensors preferred."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -63,15 +70,16 @@ def convert_to_litft(hf_dir: Path, out_dir: Path | None = None, dtype: str | Non
         dtype: cast the weights (float32, float16, bfloat16); default: keep the checkpoint's.
     """
     hf_dir = Path(hf_dir)
+    if dtype is not None and dtype not in DTYPES:
+        raise LitftError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if not hf_dir.is_dir():
         raise LitftError(f"{hf_dir}: directory not found")
+    check_out_dir(out_dir)
     config = config_from_hf(read_json(hf_dir / "config.json"), source=str(hf_dir / "config.json"))
     if not config.name:
         config.name = hf_dir.name
     files = hf_weight_files(hf_dir)
     cast = DTYPES[dtype] if dtype else None
-    if dtype and cast is None:
-        raise LitftError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
     state_dict = {}
     for name, tensor in hf_to_litft(config, iter_hf_tensors(files)):
         state_dict[name] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
@@ -91,7 +99,7 @@ def convert_from_litft(checkpoint_dir: Path, out_dir: Path) -> Path:
         out_dir: the HF directory to write.
     """
     d = check_checkpoint_dir(checkpoint_dir)
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     config = Config.from_checkpoint(d)
     state_dict = dict(iter_safetensors(d / WEIGHTS))
     validate_state_dict(config, {k: v.shape for k, v in state_dict.items()}, d / WEIGHTS)
@@ -126,6 +134,8 @@ def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_to
         access_token: hub token for gated models (default: the HF_TOKEN environment variable).
         dtype: cast the weights while converting (float32, float16, bfloat16).
     """
+    if dtype is not None and dtype not in DTYPES:
+        raise LitftError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     out = Path(checkpoint_dir) / (Path(repo_id).name if Path(repo_id).is_dir() else repo_id)
     if Path(repo_id).is_dir():  # a local snapshot: copy only what a hub download would bring
         out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +145,40 @@ def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_to
     else:
         from huggingface_hub import HfApi, snapshot_download
 
-        files = HfApi(token=access_token).list_repo_files(repo_id)
+        try:  # model_info fails at once offline; list_repo_files retries 5 times (~25 s) first
+            files = [s.rfilename for s in HfApi(token=access_token).model_info(repo_id).siblings or []]
+        except Exception as e:
+            raise LitftError(hub_error_line(repo_id, e)) from None
         patterns = HUB_PATTERNS if any(f.endswith(".safetensors") for f in files) else HUB_PATTERNS + ["*.bin"]
-        snapshot_download(repo_id, local_dir=out, allow_patterns=patterns, token=access_token)
+        try:
+            snapshot_download(repo_id, local_dir=out, allow_patterns=patterns, token=access_token)
+        except Exception as e:
+            raise LitftError(f"{hub_error_line(repo_id, e)} (what arrived stays in {out}: the next run resumes)") \
+                from None
     return convert_to_litft(out, dtype=dtype)
+
+
+def hub_error_line(repo_id: str, error: Exception) -> str:
+    """huggingface_hub's errors (and its HTTP library's) as one line naming the cause and the fix; anything
+    else is re-raised: it is a bug, not a user error."""
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(error, HFValidationError):
+        return (f"{repo_id!r} is neither a local directory nor a Hugging Face repo id: use owner/name (e.g. "
+                "HuggingFaceTB/SmolLM2-135M) or the path of a downloaded model directory")
+    if isinstance(error, GatedRepoError):
+        return (f"{repo_id} is gated: accept its terms on https://huggingface.co/{repo_id}, then pass --access_token "
+                "(or set HF_TOKEN)")
+    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)):
+        return (f"no model repository {repo_id!r} on the Hugging Face Hub (or it is private): check the id (e.g. "
+                "HuggingFaceTB/SmolLM2-135M), or pass --access_token (or set HF_TOKEN) for a private one")
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it, or pass a local model directory"
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hugging Face Hub refused {repo_id}: {' '.join(str(error).split())[:300]}"
+    network = ("NetworkError", "TimeoutException", "ConnectionError", "Timeout", "ProtocolError")
+    if isinstance(error, OSError) or any(c.__name__ in network for c in type(error).__mro__):
+        return (f"cannot reach the Hugging Face Hub to download {repo_id} ({' '.join(str(error).split())[:200]}): "
+                "check the network (or HF_ENDPOINT), or download the model elsewhere and pass its directory")
+    raise error

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from litft.models.gpt import GPT
+from litft.utils import LitftError
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
@@ -73,6 +74,21 @@ def generate(
     return tokens[0]
 
 
+PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float) -> None:
+    """Options that would otherwise be silently ignored (top_p 2) or fail deep inside torch (top_k 0)."""
+    if max_new_tokens < 1:
+        raise LitftError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise LitftError(f"temperature must be >= 0 (0: greedy decoding), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise LitftError(f"top_k must be >= 1 (or null: all tokens), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise LitftError(f"top_p must be in (0, 1] (1: off), got {top_p}")
+
+
 def main(
     checkpoint_dir: Path,
     prompt: str = "What food do llamas eat?",
@@ -104,14 +120,20 @@ def main(
     from litft.checkpoint import load_model
     from litft.tokenizer import Tokenizer
 
-    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}[precision]
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if precision not in PRECISIONS:
+        raise LitftError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if adapter_dir is None:
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
     else:
         from litft.methods.run_dir import load_method
 
-        method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
+        try:
+            method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
+        except ValueError as e:  # the adapter's shapes or names do not fit this base model
+            raise LitftError(f"{adapter_dir}: {e}; pass the base model it was trained on as checkpoint_dir") from None
         model = method.model
         if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
             model.to(device=device, dtype=dtype)  # activations' dtype; casting would touch its packed weights

@@ -122,6 +122,7 @@ def finetune(
     run_config = {**method.method_config()["init_args"], **{k: to_yaml_value(v) for k, v in dict(
         data=data, out_dir=out_dir, train=train, eval=eval, devices=devices, strategy=strategy, precision=precision,
         seed=seed, resume=resume, logger_name=logger_name).items()}}
+    check_run_args(out_dir, devices, strategy, precision, seed, logger_name)
     if precision is None:
         precision = default_precision()
         if not torch.cuda.is_available():
@@ -132,21 +133,66 @@ def finetune(
     elif precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_bf16_units():
         print(f"Warning: --precision {precision} on a CPU without bf16 units (avx512_bf16/amx_bf16): bf16 is emulated "
               "here and runs many times slower than --precision 32-true.")
-    check_train_args(train, devices)
+    check_train_args(train, devices, eval)
     out_dir = Path(out_dir)
     loggers = []
     if logger_name == "tensorboard":
         from lightning.fabric.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(root_dir=out_dir / "logs", name="tensorboard"))
-    elif logger_name != "none":
-        raise LitftError(f"unknown logger_name {logger_name!r}: use tensorboard or none")
-    fabric = L.Fabric(devices=devices, strategy=strategy, precision=precision, loggers=loggers,
-                      accelerator="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        fabric = L.Fabric(devices=devices, strategy=strategy, precision=precision, loggers=loggers,
+                          accelerator="cuda" if torch.cuda.is_available() else "cpu")
+    except (ValueError, TypeError, ImportError, RuntimeError) as e:  # a combination Lightning refuses on this machine
+        raise LitftError(f"cannot run with --devices {devices} --strategy {strategy} --precision {precision} here: "
+                         f"{' '.join(str(e).split())}") from None
     return fabric.launch(fit, method, data, out_dir, train, eval, seed, resume, run_config)
 
 
-def check_train_args(train: TrainArgs, devices: int) -> None:
+PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-true")
+
+
+def check_run_args(out_dir: Path, devices: int, strategy: str, precision: str | None, seed: int,
+                   logger_name: str) -> None:
+    """The launch options, checked before anything loads: Lightning's own errors are tracebacks."""
+    import difflib
+
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise LitftError(f"out_dir {out_dir} is a file, not a directory: pass another --out_dir")
+    if isinstance(precision, str) and precision not in PRECISIONS:
+        close = difflib.get_close_matches(precision, PRECISIONS, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise LitftError(f"unknown precision {precision!r}.{hint} Use one of {', '.join(PRECISIONS)}")
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise LitftError(f"devices must be an integer >= 1, got {devices!r}")
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise LitftError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)")
+    strategies = ["auto", *STRATEGY_REGISTRY.available_strategies()]
+    if not isinstance(strategy, str):  # a Strategy object, from Python: Lightning checks it
+        strategy = ""
+    elif strategy not in strategies:
+        close = difflib.get_close_matches(strategy, strategies, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise LitftError(f"unknown strategy {strategy!r}.{hint} Use auto, ddp, fsdp, ...: one of "
+                         f"{', '.join(strategies)}")
+    if "fsdp" in strategy and not torch.cuda.is_available():
+        raise LitftError(f"--strategy {strategy} needs CUDA GPUs, and this machine has none: on CPU use --strategy ddp "
+                         "(with --devices N) or auto")
+    if strategy.startswith("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LitftError(f"--strategy {strategy} needs DeepSpeed, which is not installed: pip install deepspeed, "
+                             "or use --strategy ddp" + (" or fsdp" if torch.cuda.is_available() else ""))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise LitftError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if logger_name not in ("tensorboard", "none"):
+        raise LitftError(f"unknown logger_name {logger_name!r}: use tensorboard or none")
+
+
+def check_train_args(train: TrainArgs, devices: int, eval: EvalArgs | None = None) -> None:
     if train.micro_batch_size < 1 or train.global_batch_size < 1:
         raise LitftError("train.micro_batch_size and train.global_batch_size must be >= 1")
     if train.global_batch_size % (train.micro_batch_size * devices):
@@ -154,6 +200,25 @@ def check_train_args(train: TrainArgs, devices: int) -> None:
                          f"train.micro_batch_size x devices ({train.micro_batch_size} x {devices})")
     if train.max_steps is not None and train.max_steps < 1:
         raise LitftError("train.max_steps must be >= 1")
+    if train.max_steps is None and train.epochs < 1:
+        raise LitftError(f"train.epochs must be >= 1, got {train.epochs} (or set train.max_steps)")
+    if train.max_seq_length is not None and train.max_seq_length < 1:
+        raise LitftError(f"train.max_seq_length must be >= 1 (or null: the model's context length), got "
+                         f"{train.max_seq_length}")
+    if train.log_interval < 1:
+        raise LitftError(f"train.log_interval must be >= 1, got {train.log_interval}")
+    if train.save_interval is not None and train.save_interval < 0:
+        raise LitftError(f"train.save_interval must be >= 1 (or null: never), got {train.save_interval}")
+    if train.max_norm is not None and not train.max_norm > 0:  # a negative norm would flip every gradient
+        raise LitftError(f"train.max_norm must be > 0 (or null: no clipping), got {train.max_norm}")
+    if eval is None:
+        return
+    if eval.interval < 0 or (eval.max_iters is not None and eval.max_iters < 1):
+        raise LitftError(f"eval.interval must be >= 0 (0: no validation during training) and eval.max_iters >= 1 (or "
+                         f"null: the whole validation set), got {eval.interval} and {eval.max_iters}")
+    if eval.max_new_tokens < 1 or eval.exact_match_samples < 0:
+        raise LitftError(f"eval.max_new_tokens must be >= 1 and eval.exact_match_samples >= 0, got "
+                         f"{eval.max_new_tokens} and {eval.exact_match_samples}")
 
 
 def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, train: TrainArgs, eval: EvalArgs,

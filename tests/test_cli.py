@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from litft.cli import check_config_keys, commands, run
+from litft.cli import check_config_keys, commands, main, run
 from litft.utils import LitftError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +64,50 @@ def test_config_typo_did_you_mean(tmp_path):
     bad.write_text("lora_r: 3\n")
     with pytest.raises(LitftError, match="unknown key 'lora_r'"):
         run(["finetune", "lora", "--config", str(bad)])
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "qlora", "dora", "lora_plus", "neft"])
+def test_each_method_describes_itself(method, capsys):
+    """A method class's own docstring is its description, never one inherited from Lightning."""
+    from litft.cli import _finetune_methods
+
+    cls_doc = {"lora": "LoRA:", "full": "Full fine-tuning:", "qlora": "QLoRA:", "dora": "DoRA:",
+               "lora_plus": "LoRA+:", "neft": "NEFTune:"}[method]
+    assert commands()["finetune"][method].__doc__.startswith(cls_doc)
+    with pytest.raises(SystemExit):
+        run(["finetune", method, "--help"])
+    out = capsys.readouterr().out
+    assert cls_doc in out and "Hooks to be used" not in out
+    with pytest.raises(SystemExit):
+        run(["finetune", "--help"])
+    assert "Hooks" not in capsys.readouterr().out
+    assert _finetune_methods()["_help"]
+
+
+def test_data_help_is_complete(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["finetune", "lora", "--data.help", "JSON"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    summary = next(line for line in out.splitlines() if line.startswith("Instruction data"))
+    assert not summary.rstrip(":").endswith(("like", "of", "a", "the")), summary  # a whole sentence
+    assert "(instruction, input, output)" in summary and "--data.json_path" in out
+
+
+def test_parse_errors_are_one_line_and_help_stays_complete(capsys):
+    """jsonargparse's errors: one LitftError (main prints it as one line), no usage block; --help unchanged."""
+    with pytest.raises(LitftError, match=r"^unknown option --train.max_stpes. Did you mean --train.max_steps\?"):
+        run(["finetune", "lora", "--train.max_stpes", "5"])
+    with pytest.raises(LitftError, match="Did you mean --train.max_steps"):  # an abbreviation is not taken
+        run(["finetune", "lora", "--train.max_step", "5"])
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "lora", "--r", "x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err == "litft: error: invalid value for --r: expected int, got 'x' (see `litft finetune lora --help`)\n"
+    with pytest.raises(SystemExit) as exit_info:
+        run(["finetune", "lora", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: litft") and "--train.max_steps" in out
+    assert len(out.splitlines()) > 100  # the whole help, every option documented (see above)

@@ -200,8 +200,10 @@ def pack_samples(samples: Sequence[Sample], max_seq_length: int) -> list[Sample]
 
 
 class JSON(DataModule):
-    """Instruction data from a JSON list or a JSONL file of records like
-    {"instruction": ..., "input": ..., "output": ...} (the Alpaca layout; "input" is optional)."""
+    """Instruction data from a JSON list or a JSONL file of Alpaca-layout records (instruction, input, output).
+
+    A record: {"instruction": ..., "input": ..., "output": ...}; "input" is optional, and the three key names
+    are options."""
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class Finetune(L.LightningModule):
         self.checkpoint_dir = check_checkpoint_dir(checkpoint_dir)  # fail before any work, with a clear message
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise LitftError("need lr > 0, weight_decay >= 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        self.make_optimizer([torch.nn.Parameter(torch.zeros(1))])  # its options checked now, before any model loads
         self.model: GPT | None = None
         self.total_steps = 1  # set by the training loop before configure_optimizers()
 
@@ -91,18 +92,26 @@ class Finetune(L.LightningModule):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The optimizer these options name, over `params`; options it does not take are one clear error."""
         h = self.hparams
         optimizer_cls = resolve_optimizer(h.optimizer)
-        extra = dict(h.optimizer_args or {})
-        unknown = sorted(set(extra) - _init_params(optimizer_cls) - {"self", "params"})
-        if unknown or "lr" in extra:
-            raise LitftError(f"optimizer_args {sorted(extra)}: {h.optimizer} takes no {unknown or ['lr']} (lr has its "
-                             f"own option); it takes {sorted(_init_params(optimizer_cls) - {'self', 'params'})}")
-        kwargs = dict(lr=h.lr, **extra)
+        if h.optimizer_args is not None and not isinstance(h.optimizer_args, dict):
+            raise LitftError(f"optimizer_args must be a mapping (e.g. '{{\"eps\": 1e-6}}'), got {h.optimizer_args!r}")
+        if "lr" in (h.optimizer_args or {}):
+            raise LitftError("optimizer_args sets lr: use --lr")
+        kwargs = dict(lr=h.lr, **(h.optimizer_args or {}))
         if "betas" in _init_params(optimizer_cls):
             kwargs.setdefault("betas", tuple(h.betas))
-        optimizer = optimizer_cls(self.param_groups(), **kwargs)
+        try:
+            return optimizer_cls(params, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise LitftError(f"{h.optimizer} does not take these options ({' '.join(str(e).split())}): check --betas, "
+                             "--lr and --optimizer_args") from None
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        h = self.hparams
+        optimizer = self.make_optimizer(self.param_groups())
         total, warmup, floor = max(self.total_steps, 1), h.warmup_steps, h.min_lr_ratio
 
         def lr_factor(step: int) -> float:  # linear warmup, then cosine to `floor`

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from litft.adapters.inject import (adapter_state_dict, inject_adapters, load_adapter_state_dict,
+from litft.adapters.inject import (BIAS_MODES, adapter_state_dict, inject_adapters, load_adapter_state_dict,
                                    mark_only_adapters_trainable, resolve_targets, unload_adapters)
 from litft.adapters.lora import LoRALinear
 from litft.checkpoint import iter_safetensors, read_method_config, save_safetensors
@@ -18,6 +18,8 @@ from litft.utils import LitftError, atomic_write_text
 
 
 class LoRA(Finetune):
+    """LoRA: a frozen base with trainable low-rank updates B·A on the chosen Linear layers."""
+
     weights_file = "adapter.safetensors"
 
     def __init__(
@@ -56,7 +58,19 @@ class LoRA(Finetune):
                 targets must equal this run's.
         """
         super().__init__(**kwargs)
-        self.targets = resolve_targets(targets)  # validates names early, before any model loads
+        # every option is checked here, before any model loads (the adapter layers check again, for library use)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise LitftError(f"r (the LoRA rank) must be an integer >= 1, got {r!r}: e.g. --r 8")
+        if not alpha > 0:
+            raise LitftError(f"alpha must be > 0, got {alpha!r}: e.g. --alpha 16 (the update is scaled by alpha / r)")
+        if not 0 <= dropout < 1:
+            raise LitftError(f"dropout must satisfy 0 <= dropout < 1, got {dropout!r}: e.g. --dropout 0.05")
+        if bias not in BIAS_MODES:
+            raise LitftError(f"unknown bias {bias!r}: use one of {', '.join(BIAS_MODES)}")
+        try:
+            self.targets = resolve_targets(targets)
+        except (ValueError, TypeError) as e:
+            raise LitftError(f"--targets: {e}") from None
         self.r, self.alpha, self.dropout, self.bias, self.use_rslora = r, alpha, dropout, bias, use_rslora
         if quantize is not None:  # mode and bitsandbytes version checked now, before any model loads
             from litft.adapters.quantize import check_quantize
@@ -74,14 +88,15 @@ class LoRA(Finetune):
         if not cfg_path.is_file() or not weights.is_file():
             raise LitftError(f"init_adapter {run_dir}: expected {METHOD_CONFIG} and {self.weights_file} there (the final/ "
                              "directory of a LoRA-family run, or the output of `litft import_peft`)")
-        args = read_method_config(run_dir)["init_args"]
-        mine = {"r": self.r, "alpha": float(self.alpha), "use_rslora": self.use_rslora, "targets": sorted(self.targets)}
-        try:
+        try:  # a file from elsewhere: any content must end in one clear error
+            args = read_method_config(run_dir)["init_args"]
             theirs = {"r": args.get("r"), "alpha": float(args.get("alpha", 0)),
                       "use_rslora": args.get("use_rslora", False),
                       "targets": sorted(resolve_targets(args.get("targets") or "all-linear"))}
-        except (TypeError, ValueError) as e:  # a damaged or hand-edited method config
-            raise LitftError(f"init_adapter {run_dir}: invalid {METHOD_CONFIG} ({e})") from None
+        except (LitftError, ValueError, TypeError) as e:
+            raise LitftError(f"init_adapter {run_dir}: unreadable {METHOD_CONFIG} ({' '.join(str(e).split())[:200]}); "
+                             "pass the final/ directory of a LoRA-family run") from None
+        mine = {"r": self.r, "alpha": float(self.alpha), "use_rslora": self.use_rslora, "targets": sorted(self.targets)}
         differ = [f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if theirs[k] != mine[k]]
         if differ:
             raise LitftError(f"init_adapter {run_dir} does not fit this run ({'; '.join(differ)}): pass the same values "

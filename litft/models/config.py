@@ -8,9 +8,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+import types
+import typing
 from typing import Any, Literal
 
 import yaml
+
+from litft.utils import LitftError
 
 FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt_neox")
 
@@ -52,8 +56,17 @@ class Config:
     scale_embeddings: bool = False  # Gemma: embeddings * sqrt(n_embd)
 
     def __post_init__(self) -> None:
+        for size in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate_size",
+                     "max_seq_length"):
+            value = getattr(self, size)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"Config {self.name!r}: {size} must be an integer >= 1, got {value!r}")
         if self.family not in FAMILIES:
-            raise ValueError(f"Config {self.name!r}: unknown family {self.family!r}; expected one of {FAMILIES}")
+            import difflib
+
+            close = difflib.get_close_matches(str(self.family), FAMILIES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Config {self.name!r}: unknown family {self.family!r}.{hint} Expected one of {FAMILIES}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -90,15 +103,27 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no model config file (a litft checkpoint holds model_config.yaml)")
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a valid YAML file ({' '.join(str(e).split())}); re-create it, e.g. "
+                              "by converting the model again with `litft convert_to_litft`") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown model config keys {unknown}")
-        return cls(**data)
+            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if key not in hints:
+                import difflib
+
+                close = difflib.get_close_matches(str(key), list(hints), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{path}: unknown model config key {key!r}.{hint} Valid keys: {', '.join(hints)}")
+            if not _has_type(value, hints[key]):
+                raise ConfigError(f"{path}: {key} must be {_type_name(hints[key])}, got {value!r}")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path | str) -> "Config":
@@ -111,6 +136,32 @@ class Config:
         from litft.utils import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class ConfigError(LitftError, ValueError):
+    """A model_config.yaml that litft cannot use (a ValueError, and a LitftError: the CLI prints one line)."""
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a Config field's type (ints count as floats; bools never as numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint in (bool, str) or origin is dict:
+        return isinstance(value, origin or hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return str(hint).replace("typing.", "").replace("NoneType", "null").replace("<class '", "").replace("'>", "")
 
 
 # Named configs: the real checkpoints litft knows how to download and convert. Each row is plain data.
