@@ -73,41 +73,6 @@ def finetune_command(method_cls: type) -> Callable[..., Any]:
     return command
 
 
-def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: Path | None = None,
-               merge_into: str = "original") -> Path:
-    """Merge a trained adapter into its base model and write a plain litft checkpoint.
-
-    Args:
-        adapter_dir: the `final/` (or `step-N/`) directory of an adapter fine-tuning run.
-        checkpoint_dir: the base model; default: the one the run was trained from.
-        out_dir: where to write the merged checkpoint; default: adapter_dir/merged.
-        merge_into: for a run on a quantized base (QLoRA): original merges into the full-precision weights
-            of checkpoint_dir (the usual practice), dequantized into the dequantized weights the adapter was
-            trained against. Runs on a full-precision base ignore it.
-    """
-    from litft.checkpoint import save_checkpoint
-    from litft.convert import check_out_dir
-    from litft.methods.run_dir import load_method
-
-    if merge_into not in ("original", "dequantized"):
-        raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
-    check_out_dir(out_dir)
-    try:
-        method = load_method(adapter_dir, checkpoint_dir)
-    except ValueError as e:  # the adapter's shapes or names do not fit this base model
-        raise LitftError(f"{adapter_dir}: {e}; pass the base model it was trained on as --checkpoint_dir") from None
-    quantized = getattr(method, "quantize", None)
-    model = method.merged_model(into=merge_into) if quantized else method.merged_model()
-    config = model.config
-    if config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
-        config.tie_embeddings = False  # an adapted head was merged: it is no longer the embedding
-    out = Path(out_dir) if out_dir else Path(adapter_dir) / "merged"
-    save_checkpoint(model.state_dict(), config, out, tokenizer_dir=method.checkpoint_dir)
-    into = f" ({merge_into} weights of a {quantized} run)" if quantized else ""
-    print(f"Merged {adapter_dir} into {method.checkpoint_dir}{into} -> {out}")
-    return out
-
-
 def _finetune_methods() -> dict[str, Any]:
     from litft.methods import METHODS
 
@@ -119,6 +84,7 @@ def commands() -> dict[str, Any]:
     from litft.adapters.peft_format import export_peft, import_peft
     from litft.convert import convert_from_litft, convert_to_litft, download
     from litft.generate import main as generate
+    from litft.methods.run_dir import merge_lora
     from litft.plot import plot
 
     return {
@@ -276,13 +242,15 @@ def parse_error_line(error: Exception) -> str:
         close = difflib.get_close_matches(not_accepted.group(1), options, n=1)
         hint = f" Did you mean --{key.group(1)}.{close[0]}?" if close else ""
         return f"unknown option --{key.group(1)}.{not_accepted.group(1)}.{hint}{where}"
-    not_a_class = re.search(r"Expected a dot import path string: (\S+)|Import path (\S+) does not correspond to a "
-                            r"subclass of \w+|Not a valid subclass of \w+\. Got value: (.*?)(?: Subclass types|$)",
-                            " ".join(message.split()))
+    not_a_class = re.search(r"Importing '(\S+)' is not allowed|Expected a dot import path string: (\S+)|Import path "
+                            r"(\S+) does not correspond to a subclass of \w+|Not a valid subclass of \w+\. Got value: "
+                            r"(.*?)(?: Subclass types|$)", " ".join(message.split()))
     if key and not_a_class:  # --data Nope, --data os.system, data: 5 in a config
         given = next(g for g in not_a_class.groups() if g is not None)
-        return (f"invalid value for --{key.group(1)}: {given!r} is not a DataModule: use e.g. "
-                f"--data JSON (or Alpaca, or the import path of your own DataModule subclass){where}"
+        # the import-path policy of run(): a value never makes litft import a module outside litft
+        return (f"invalid value for --{key.group(1)}: {given!r} is not one of litft's DataModules (a value may name "
+                f"litft classes only; litft never imports other code because an option or a config names it): use "
+                f"e.g. --data JSON or --data Alpaca{where}"
                 if key.group(1) == "data" else f"invalid value for --{key.group(1)}: {given!r}{where}")
     no_config = re.search(r"Unable to load config '([^']*)'", message)
     if key and no_config:  # --train 5: a dataclass option takes a YAML file or its fields one by one

@@ -130,10 +130,7 @@ def main(
     else:
         from litft.methods.run_dir import load_method
 
-        try:
-            method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
-        except ValueError as e:  # the adapter's shapes or names do not fit this base model
-            raise LitftError(f"{adapter_dir}: {e}; pass the base model it was trained on as checkpoint_dir") from None
+        method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
         model = method.model
         if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
             model.to(device=device, dtype=dtype)  # activations' dtype; casting would touch its packed weights

@@ -171,7 +171,7 @@ def test_config_file_naming_a_foreign_class_is_refused_before_import(ckpt, task,
         with pytest.raises(SystemExit) as e:
             main(["finetune", "lora", "--config", str(cfg)])
         assert e.value.code != 0
-        assert "not allowed" in capsys.readouterr().err
+        assert "not one of litft's DataModules" in capsys.readouterr().err
     assert not (tmp_path / "MARKER").exists() and "evil_data" not in sys.modules
     assert not (tmp_path / "out").exists()
 

@@ -145,8 +145,9 @@ class Finetune(L.LightningModule):
         save_checkpoint(self.trainable_state_dict(), self.model.config, out_dir, tokenizer_dir=self.checkpoint_dir)
         atomic_write_text(out_dir / METHOD_CONFIG, yaml.safe_dump(self.method_config(), sort_keys=False))
 
-    def merged_model(self) -> GPT:
-        """The plain model with whatever the method trained folded in (for merge_lora / export)."""
+    def merged_model(self, into: str = "original") -> GPT:
+        """The plain model with whatever the method trained folded in (for merge_lora / export). `into` picks the
+        weights an adapter on a quantized base merges into (see LoRA); full fine-tuning has nothing to merge."""
         return self.model
 
 

@@ -1,4 +1,5 @@
-"""Reading a finished run back: `out_dir/final` (or `step-N/`) -> the method module that trained it.
+"""Reading a finished run back: `out_dir/final` (or `step-N/`) -> the method module that trained it, and
+`litft merge_lora` (that module's merged model, written as a plain checkpoint).
 
 A run directory is data from whoever shared it, so nothing in it picks code. `method_config.yaml` names a class
 (`class_path`) and its init args; the class is looked up among the method classes already defined in this
@@ -13,7 +14,8 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from litft.checkpoint import METHOD_CONFIG, iter_safetensors, read_method_config, run_base_dir
+from litft.checkpoint import METHOD_CONFIG, iter_safetensors, read_method_config, run_base_dir, save_checkpoint
+from litft.convert import check_out_dir
 from litft.methods import METHODS
 from litft.methods.base import Finetune, method_parameters
 from litft.utils import LitftError
@@ -95,6 +97,35 @@ def load_method(run_dir: Path | str, checkpoint_dir: Path | str | None = None,
     try:
         method.load_trainable_state_dict(state_dict)
     except (RuntimeError, ValueError) as e:  # shapes or names that do not fit the base model
-        raise LitftError(f"{weights}: does not fit the base model {method.checkpoint_dir}: "
-                         f"{' '.join(str(e).split())[:400]}") from None
+        raise LitftError(f"{weights}: does not fit the base model {method.checkpoint_dir} "
+                         f"({' '.join(str(e).split())[:300]}...); pass the base model it was trained on as "
+                         "--checkpoint_dir") from None
     return method
+
+
+def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: Path | None = None,
+               merge_into: str = "original") -> Path:
+    """Merge a trained adapter into its base model and write a plain litft checkpoint.
+
+    Args:
+        adapter_dir: the `final/` (or `step-N/`) directory of an adapter fine-tuning run.
+        checkpoint_dir: the base model; default: the one the run was trained from.
+        out_dir: where to write the merged checkpoint; default: adapter_dir/merged.
+        merge_into: for a run on a quantized base (QLoRA): original merges into the full-precision weights
+            of checkpoint_dir (the usual practice), dequantized into the dequantized weights the adapter was
+            trained against. Runs on a full-precision base ignore it.
+    """
+    if merge_into not in ("original", "dequantized"):
+        raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
+    check_out_dir(out_dir)
+    method = load_method(adapter_dir, checkpoint_dir)
+    quantized = method.hparams.get("quantize")
+    model = method.merged_model(into=merge_into)
+    config = model.config
+    if config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        config.tie_embeddings = False  # an adapted head was merged: it is no longer the embedding
+    out = Path(out_dir) if out_dir else Path(adapter_dir) / "merged"
+    save_checkpoint(model.state_dict(), config, out, tokenizer_dir=method.checkpoint_dir)
+    into = f" ({merge_into} weights of a {quantized} run)" if quantized else ""
+    print(f"Merged {adapter_dir} into {method.checkpoint_dir}{into} -> {out}")
+    return out
