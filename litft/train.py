@@ -245,7 +245,8 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
                 raise save_failed(e, out_dir) from e
             fabric.print(f"Saved {final}")
             if fabric.loggers:
-                fabric.print(f"TensorBoard logs: {fabric.logger.log_dir}  (view: tensorboard --logdir {out_dir / 'logs'})")
+                fabric.print(f"TensorBoard logs: {fabric.logger.log_dir}  "
+                             f"(view: tensorboard --logdir {out_dir / 'logs'})")
     except KeyboardInterrupt as e:  # Ctrl-C: one line for the CLI (exit 130), the loggers flushed
         for logger in fabric.loggers:
             logger.finalize("interrupted")
@@ -262,63 +263,65 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
                train_loader: DataLoader, train_sampler: DistributedSampler, val_loader: DataLoader, train: TrainArgs,
                eval: EvalArgs, state: dict, total_steps: int, accum: int, out_dir: Path, metrics: dict[str, float],
                stop: list[bool]) -> None:
-    """Optimizer steps from state["step"] to total_steps: log, validate, save step-N, prune; stop after a step on Ctrl-C."""
+    """Optimizer steps from state["step"] to total_steps: log, validate, save step-N, prune; on Ctrl-C, stop
+    after the step."""
     world = fabric.world_size
     batches = micro_batches(train_loader, train_sampler, state)
     progress = _progress_bar(fabric, total_steps, state["step"])
     tokens_seen, t0 = 0, time.perf_counter()
-    while state["step"] < total_steps:
-        micro = [next(batches) for _ in range(accum)]
-        counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in micro]).sum()
-        n_global = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").item()
-        if n_global == 0:
-            raise LitftError("a global batch has no target tokens (every label is masked); check the data")
-        loss_sum = torch.zeros((), device=fabric.device)
-        for i, batch in enumerate(micro):
-            with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                loss = model.training_step(batch)
-                fabric.backward(loss * (world / n_global))  # DDP averages over ranks: undo that, see module doc
-            loss_sum += loss.detach()
-            tokens_seen += batch["input_ids"].numel()
-        total_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / n_global
-        if not math.isfinite(total_loss):
-            raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
-                             "or check the data; no checkpoint was written for this step")
-        grad_norm = clip_gradients(fabric, model, optimizer, train.max_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        step = state["step"]
+    try:
+        while state["step"] < total_steps:
+            micro = [next(batches) for _ in range(accum)]
+            counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in micro]).sum()
+            n_global = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").item()
+            if n_global == 0:
+                raise LitftError("a global batch has no target tokens (every label is masked); check the data")
+            loss_sum = torch.zeros((), device=fabric.device)
+            for i, batch in enumerate(micro):
+                with fabric.no_backward_sync(model, enabled=i < accum - 1):
+                    loss = model.training_step(batch)
+                    fabric.backward(loss * (world / n_global))  # DDP averages over ranks: undo that, see module doc
+                loss_sum += loss.detach()
+                tokens_seen += batch["input_ids"].numel()
+            total_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / n_global
+            if not math.isfinite(total_loss):
+                raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
+                                 "or check the data; no checkpoint was written for this step")
+            grad_norm = clip_gradients(fabric, model, optimizer, train.max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            step = state["step"]
 
-        if step % train.log_interval == 0 or step == total_steps:
-            elapsed = time.perf_counter() - t0
-            step_metrics = dict(loss=total_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                                tokens_per_sec=tokens_seen * world / max(elapsed, 1e-9), peak_memory_gb=peak_memory_gb())
-            metrics.update(step_metrics)
-            # only this step's training metrics: validation logs val/* itself, once, at the step it ran
-            fabric.log_dict({f"train/{k}": v for k, v in step_metrics.items()}, step)
+            if step % train.log_interval == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t0
+                step_metrics = dict(loss=total_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                                    tokens_per_sec=tokens_seen * world / max(elapsed, 1e-9),
+                                    peak_memory_gb=peak_memory_gb())
+                metrics.update(step_metrics)
+                # only this step's training metrics: validation logs val/* itself, once, at the step it ran
+                fabric.log_dict({f"train/{k}": v for k, v in step_metrics.items()}, step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
             if progress is not None:
-                progress.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
+                progress.update(1)
+            val_loss = None
+            if eval.interval and step % eval.interval == 0 and step < total_steps:
+                val_loss = metrics["val_loss"] = validate(fabric, method, val_loader, tokenizer, data, eval, step)
+            stopping = stop_requested(fabric, stop)
+            saving = bool(train.save_interval and step % train.save_interval == 0)
+            if saving or (stopping and train.save_on_interrupt):
+                if val_loss is not None and (state.get("best_val_loss") is None or val_loss < state["best_val_loss"]):
+                    state["best_val_loss"], state["best_step"] = val_loss, step  # in state.pt: survives a resume
+                save_resume_state(fabric, method, optimizer, scheduler, state, out_dir / f"step-{step}")
+                if train.keep_last is not None and fabric.global_rank == 0:
+                    prune_step_dirs(out_dir, train.keep_last, state.get("best_step") if train.keep_best else None)
+            if stopping:
+                raise TrainingInterrupted(interrupted_message(step, out_dir))
+    finally:  # the bar ends its line before any message below it
         if progress is not None:
-            progress.update(1)
-        val_loss = None
-        if eval.interval and step % eval.interval == 0 and step < total_steps:
-            val_loss = metrics["val_loss"] = validate(fabric, method, val_loader, tokenizer, data, eval, step)
-        stopping = stop_requested(fabric, stop)
-        saving = bool(train.save_interval and step % train.save_interval == 0)
-        if saving or (stopping and train.save_on_interrupt):
-            if val_loss is not None and (state.get("best_val_loss") is None or val_loss < state["best_val_loss"]):
-                state["best_val_loss"], state["best_step"] = val_loss, step  # in state.pt: survives a resume
-            save_resume_state(fabric, method, optimizer, scheduler, state, out_dir / f"step-{step}")
-            if train.keep_last is not None and fabric.global_rank == 0:
-                prune_step_dirs(out_dir, train.keep_last, state.get("best_step") if train.keep_best else None)
-        if stopping:
-            if progress is not None:
-                progress.close()
-            raise TrainingInterrupted(interrupted_message(step, out_dir))
-    if progress is not None:
-        progress.close()
+            progress.close()
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -543,11 +546,12 @@ def save_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, 
         def write(d: Path) -> None:
             save_safetensors(method.trainable_state_dict(), d / method.weights_file, metadata={"format": "pt"})
             atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method.method_config(), sort_keys=False))
-            torch.save({
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }, d / RESUME_STATE)
+            with open(d / RESUME_STATE, "wb", buffering=0) as f:  # unbuffered: a write error surfaces as OSError
+                torch.save({
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                }, f)
 
         try:
             write_dir_atomically(target, write)
@@ -573,7 +577,8 @@ def read_resume_checkpoint(ckpt: Path, weights_file: str) -> tuple[dict[str, tor
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LitftError(f"{path}: cannot load the resume state (truncated, corrupt, or not a litft state file; "
                          f"only tensors and numbers are loaded): {first}") from e
-    missing = {"optimizer", "scheduler", "loop", "torch_rng", "python_rng"} - set(saved if isinstance(saved, dict) else ())
+    keys = set(saved) if isinstance(saved, dict) else set()
+    missing = {"optimizer", "scheduler", "loop", "torch_rng", "python_rng"} - keys
     if missing:
         raise LitftError(f"{path}: not a litft resume state (no {', '.join(sorted(missing))})")
     return weights, saved
@@ -597,9 +602,10 @@ def load_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, 
             fabric.print(f"Warning: {e}; falling back to {candidates[i + 1]}")
     try:
         method.load_trainable_state_dict(weights)
-    except RuntimeError as e:  # size mismatch / missing keys: the run was made with other options
+    except (RuntimeError, ValueError) as e:  # size mismatch / missing keys: the run was made with other options
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line),
                       str(e).splitlines()[0])
+        detail = detail if len(detail) < 300 else detail[:297] + ".."
         raise LitftError(f"{ckpt / method.weights_file}: does not fit this model ({detail}); it was written with other "
                          f"method options (r, targets, ...): resume with the options in {ckpt.parent / 'config.yaml'}"
                          ) from e

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -96,7 +97,7 @@ def write_dir_atomically(target: Path | str, write: Callable[[Path], None]) -> N
 
     Linux: renameat2(RENAME_EXCHANGE) swaps the two in one step, then the old one is deleted. Elsewhere (or on a
     filesystem without it): old -> backup name, new -> target, delete backup; `recover_dir` undoes a stop between
-    the two renames. Files are fsynced before the swap. Any OSError (e.g. a full disk) removes the temp directory,
+    the two renames. Files are fsynced before the swap. A write error (e.g. a full disk) removes the temp directory,
     leaves `target` as it was, and becomes a `SaveError`.
     """
     target = Path(target)
@@ -118,10 +119,33 @@ def write_dir_atomically(target: Path | str, write: Callable[[Path], None]) -> N
         else:
             os.rename(tmp, target)
         fsync_dir(target.parent)
-    except OSError as e:
-        raise SaveError(target, e) from e
+    except Exception as e:  # noqa: BLE001 -- sorted below: write errors become SaveError, the rest passes
+        error = None if isinstance(e, LitftError) else write_error_of(e, tmp.parent)
+        if error is None:
+            raise
+        raise SaveError(target, error) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the partial new one, or the old one after a swap
+
+
+def write_error_of(e: BaseException, where: Path) -> OSError | None:
+    """The OSError behind an exception raised while writing, if it is one. torch.save and safetensors report a full
+    disk as their own errors (a RuntimeError with the OSError as its context; "... (os error 28)")."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        code = re.search(r"\(os error (\d+)\)", str(seen))
+        if code:
+            return OSError(int(code[1]), os.strerror(int(code[1])))
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(where)
+        if st.f_bavail * st.f_frsize < 1 << 20:  # what a write that found no space leaves behind
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        pass
+    return None
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
