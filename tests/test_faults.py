@@ -267,6 +267,8 @@ def test_a_damaged_step_is_one_error_naming_the_file(damage, two_steps, ckpt, ta
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("litft:")]
     assert len(lines) == 1 and lines[0].startswith(f"litft: error: {bad}: "), result.stderr[-2000:]
+    assert {"hostile": "cannot load the resume state", "truncated": "cannot load the resume state",
+            "adapter": "cannot read safetensors file", "not_a_state": "not a litft resume state"}[damage] in lines[0]
     assert not MARKER.exists()
 
 
