@@ -157,10 +157,21 @@ def test_disk_full_while_writing_final_is_one_error(ckpt, task, tmp_path, small_
 
 
 # -- kill -9 at random moments --------------------------------------------------------------------------
+def temp_dirs(out: Path) -> set[tuple[str, int]]:
+    found = set()
+    for p in out.glob(".*.tmp"):
+        try:
+            found.add((p.name, p.stat().st_ino))
+        except FileNotFoundError:
+            pass
+    return found
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_always_resumes_to_the_same_weights(ckpt, task, tmp_path):
-    """Save every step and kill -9 after random delays; each rerun resumes from a complete checkpoint (--resume
-    true) and the run finally ends with exactly the weights of an uninterrupted run."""
+    """Save every step and kill -9 after random delays (every other time just after a save began); each rerun
+    resumes from a complete checkpoint (--resume true) and the run ends with exactly the weights of an uninterrupted
+    run."""
     steps = 10
     t0 = time.perf_counter()
     straight = litft_cmd(*lora_args(ckpt, task, tmp_path / "straight", steps))
@@ -169,16 +180,21 @@ def test_kill_9_at_random_moments_always_resumes_to_the_same_weights(ckpt, task,
     out, rng = tmp_path / "killed", random.Random(0)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     kills = 0
-    for _ in range(8):
+    for attempt in range(8):
         more = ["--resume", "true"] if step_dirs(out) else ["--overwrite", "true"]
+        stale = temp_dirs(out)  # left by the last kill: litft must cope with them
         proc = subprocess.Popen([sys.executable, "-m", "litft.cli", *lora_args(ckpt, task, out, steps), *more],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt % 2:  # kill while a checkpoint is being written: soon after a new temp directory appears
+            while proc.poll() is None and not temp_dirs(out) - stale:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.05))
         try:
-            proc.wait(timeout=rng.uniform(0.5, 1.0) * duration)
+            proc.wait(timeout=0 if attempt % 2 else rng.uniform(0.5, 1.0) * duration)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
             kills += 1
+        proc.wait()
         for d in step_dirs(out):  # every step-N that exists is complete
             read_resume_checkpoint(d, "adapter.safetensors")
         if (out / "final").is_dir() and proc.returncode == 0:
