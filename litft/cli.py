@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     except LitftError as e:
         print(f"litft: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (the loop's says where it stopped), the shell's code 130
+        print(f"\nlitft: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

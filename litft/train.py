@@ -6,12 +6,16 @@ batching, gradient accumulation and DDP all give the gradient of one big batch, 
 """
 from __future__ import annotations
 
+import errno
 import math
+import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +30,8 @@ from litft.data.base import DataModule
 from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.tokenizer import Tokenizer
-from litft.utils import LitftError, atomic_write_text
+from litft.adapters.quantize import QuantizedEmbedding
+from litft.utils import LitftError, SaveError, atomic_write_text, recover_dir, tmp_dir_name, write_dir_atomically
 
 
 @dataclass
@@ -42,6 +47,14 @@ class TrainArgs:
         max_norm: clip the global gradient norm to this (null: no clipping; the norm is logged anyway).
         log_interval: log metrics every N optimizer steps.
         save_interval: write a resumable checkpoint out_dir/step-N every N steps (null: never).
+        save_on_interrupt: on Ctrl-C, finish the current step and write out_dir/step-N before stopping (exit
+            code 130), so `--resume true` continues from there; without it the last step-N written stays the
+            resume point.
+        keep_last: keep only the newest N step-N checkpoints, deleting older ones as new ones are written
+            (null: keep all).
+        keep_best: with keep_last, also keep the step-N checkpoint with the lowest validation loss (among those
+            written at a validation step, i.e. save_interval a multiple of eval.interval); recorded in its
+            state.pt, so a resumed run keeps it too.
     """
 
     global_batch_size: int = 16
@@ -52,6 +65,9 @@ class TrainArgs:
     max_norm: float | None = 1.0
     log_interval: int = 1
     save_interval: int | None = None
+    save_on_interrupt: bool = False
+    keep_last: int | None = None
+    keep_best: bool = False
 
 
 @dataclass
@@ -100,6 +116,7 @@ def finetune(
     precision: str | None = None,
     seed: int = 42,
     resume: bool | Path = False,
+    overwrite: bool = False,
     logger_name: str = "tensorboard",
 ) -> dict[str, float]:
     """Launch Fabric and train `method` on `data`; returns the final metrics.
@@ -113,7 +130,10 @@ def finetune(
         strategy: auto, ddp, ...
         precision: 32-true, bf16-true, bf16-mixed, 16-mixed; default bf16-true on GPUs with bf16, else 32-true.
         seed: random seed (data order, init, dropout).
-        resume: true to continue from the latest out_dir/step-N, or a step-N directory.
+        resume: true to continue from the latest out_dir/step-N (falling back to the one before if it is
+            damaged), or a step-N directory.
+        overwrite: replace the earlier run in out_dir (its step-N/ and final/ are deleted first); without it, or
+            resume, an out_dir that already holds a run is refused.
         logger_name: tensorboard (logs under out_dir/logs) or none.
     """
     from litft.cli import to_yaml_value
@@ -135,6 +155,8 @@ def finetune(
               "here and runs many times slower than --precision 32-true.")
     check_train_args(train, devices, eval)
     out_dir = Path(out_dir)
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":  # DDP children: rank 0 did it
+        prepare_out_dir(out_dir, resume, overwrite)
     loggers = []
     if logger_name == "tensorboard":
         from lightning.fabric.loggers import TensorBoardLogger
@@ -200,6 +222,8 @@ def check_train_args(train: TrainArgs, devices: int, eval: EvalArgs | None = Non
                          f"train.micro_batch_size x devices ({train.micro_batch_size} x {devices})")
     if train.max_steps is not None and train.max_steps < 1:
         raise LitftError("train.max_steps must be >= 1")
+    if train.keep_last is not None and train.keep_last < 1:
+        raise LitftError(f"train.keep_last must be >= 1 or null (keep all), got {train.keep_last}")
     if train.max_steps is None and train.epochs < 1:
         raise LitftError(f"train.epochs must be >= 1, got {train.epochs} (or set train.max_steps)")
     if train.max_seq_length is not None and train.max_seq_length < 1:
@@ -258,77 +282,169 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         n_train = sum(p.numel() for p in method.parameters() if p.requires_grad)
-        n_total = sum(p.numel() for p in method.parameters())
-        fabric.print(f"{type(method).__name__}: {n_train:,} trainable / {n_total:,} parameters; "
+        fabric.print(f"{type(method).__name__}: {n_train:,} trainable / {count_parameters(method):,} parameters; "
                      f"{len(data.train_dataset)} train / {len(data.val_dataset)} val samples; {total_steps} steps of "
                      f"{train.global_batch_size} samples ({accum} accumulation x {world} devices)")
 
     metrics: dict[str, float] = {}
-    if eval.exact_match_samples and state["step"] == 0:
-        metrics["exact_match_before"] = exact_match(method, tokenizer, data, eval)
-        fabric.print(f"Exact match before fine-tuning: {metrics['exact_match_before']:.1%}")
-    if eval.initial_validation and state["step"] == 0:
-        metrics["val_loss_before"] = validate(fabric, method, val_loader, tokenizer, data, eval, step=0)
+    try:
+        if eval.exact_match_samples and state["step"] == 0:
+            metrics["exact_match_before"] = exact_match(method, tokenizer, data, eval)
+            fabric.print(f"Exact match before fine-tuning: {metrics['exact_match_before']:.1%}")
+        if eval.initial_validation and state["step"] == 0:
+            metrics["val_loss_before"] = validate(fabric, method, val_loader, tokenizer, data, eval, step=0)
+        with sigint_stops_after_step() as stop:
+            train_loop(fabric, method, model, optimizer, scheduler, data, tokenizer, train_loader, train_sampler,
+                       val_loader, train, eval, state, total_steps, accum, out_dir, metrics, stop)
 
-    batches = micro_batches(train_loader, train_sampler, state)
-    progress = _progress_bar(fabric, total_steps, state["step"])
-    tokens_seen, t0 = 0, time.perf_counter()
-    while state["step"] < total_steps:
-        micro = [next(batches) for _ in range(accum)]
-        counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in micro]).sum()
-        n_global = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").item()
-        if n_global == 0:
-            raise LitftError("a global batch has no target tokens (every label is masked); check the data")
-        loss_sum = torch.zeros((), device=fabric.device)
-        for i, batch in enumerate(micro):
-            with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                loss = model.training_step(batch)
-                fabric.backward(loss * (world / n_global))  # DDP averages over ranks: undo that, see module doc
-            loss_sum += loss.detach()
-            tokens_seen += batch["input_ids"].numel()
-        total_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / n_global
-        if not math.isfinite(total_loss):
-            raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
-                             "or check the data; no checkpoint was written for this step")
-        grad_norm = clip_gradients(fabric, model, optimizer, train.max_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        step = state["step"]
-
-        if step % train.log_interval == 0 or step == total_steps:
-            elapsed = time.perf_counter() - t0
-            metrics.update(loss=total_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                           tokens_per_sec=tokens_seen * world / max(elapsed, 1e-9), peak_memory_gb=peak_memory_gb())
-            fabric.log_dict({f"train/{k}": v for k, v in metrics.items() if not k.startswith("exact")}, step)
-            if progress is not None:
-                progress.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
-        if progress is not None:
-            progress.update(1)
-        if eval.interval and step % eval.interval == 0 and step < total_steps:
-            metrics["val_loss"] = validate(fabric, method, val_loader, tokenizer, data, eval, step)
-        if train.save_interval and step % train.save_interval == 0:
-            save_resume_state(fabric, method, optimizer, scheduler, state, out_dir / f"step-{step}")
-    if progress is not None:
-        progress.close()
-
-    if eval.final_validation:
-        metrics["val_loss"] = validate(fabric, method, val_loader, tokenizer, data, eval, state["step"])
-    if eval.exact_match_samples:
-        metrics["exact_match_after"] = exact_match(method, tokenizer, data, eval)
-        fabric.print(f"Exact match after fine-tuning: {metrics['exact_match_after']:.1%}")
-        fabric.log_dict({"val/exact_match": metrics["exact_match_after"]}, state["step"])
-    final = out_dir / "final"
-    if rank == 0:
-        save_dir_atomically(final, lambda d: _save_final(method, d, out_dir))
-        fabric.print(f"Saved {final}")
-        if fabric.loggers:
-            fabric.print(f"TensorBoard logs: {fabric.logger.log_dir}  (view: tensorboard --logdir {out_dir / 'logs'})")
+        if eval.final_validation:
+            metrics["val_loss"] = validate(fabric, method, val_loader, tokenizer, data, eval, state["step"])
+        if eval.exact_match_samples:
+            metrics["exact_match_after"] = exact_match(method, tokenizer, data, eval)
+            fabric.print(f"Exact match after fine-tuning: {metrics['exact_match_after']:.1%}")
+            fabric.log_dict({"val/exact_match": metrics["exact_match_after"]}, state["step"])
+        final = out_dir / "final"
+        if rank == 0:
+            try:
+                write_dir_atomically(final, lambda d: _save_final(method, d, out_dir))
+            except SaveError as e:
+                raise save_failed(e, out_dir) from e
+            fabric.print(f"Saved {final}")
+            if fabric.loggers:
+                fabric.print(f"TensorBoard logs: {fabric.logger.log_dir}  "
+                             f"(view: tensorboard --logdir {out_dir / 'logs'})")
+    except KeyboardInterrupt as e:  # Ctrl-C: one line for the CLI (exit 130), the loggers flushed
+        for logger in fabric.loggers:
+            logger.finalize("interrupted")
+        if isinstance(e, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(interrupted_message(state["step"], out_dir)) from None
     fabric.barrier()
     for logger in fabric.loggers:
         logger.finalize("success")
     return metrics
+
+
+def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, data: DataModule, tokenizer: Tokenizer,
+               train_loader: DataLoader, train_sampler: DistributedSampler, val_loader: DataLoader, train: TrainArgs,
+               eval: EvalArgs, state: dict, total_steps: int, accum: int, out_dir: Path, metrics: dict[str, float],
+               stop: list[bool]) -> None:
+    """Optimizer steps from state["step"] to total_steps: log, validate, save step-N, prune; on Ctrl-C, stop
+    after the step."""
+    world = fabric.world_size
+    batches = micro_batches(train_loader, train_sampler, state)
+    progress = _progress_bar(fabric, total_steps, state["step"])
+    tokens_seen, t0 = 0, time.perf_counter()
+    try:
+        while state["step"] < total_steps:
+            micro = [next(batches) for _ in range(accum)]
+            counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in micro]).sum()
+            n_global = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").item()
+            if n_global == 0:
+                raise LitftError("a global batch has no target tokens (every label is masked); check the data")
+            loss_sum = torch.zeros((), device=fabric.device)
+            for i, batch in enumerate(micro):
+                with fabric.no_backward_sync(model, enabled=i < accum - 1):
+                    loss = model.training_step(batch)
+                    fabric.backward(loss * (world / n_global))  # DDP averages over ranks: undo that, see module doc
+                loss_sum += loss.detach()
+                tokens_seen += batch["input_ids"].numel()
+            total_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / n_global
+            if not math.isfinite(total_loss):
+                raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
+                                 "or check the data; no checkpoint was written for this step")
+            grad_norm = clip_gradients(fabric, model, optimizer, train.max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            step = state["step"]
+
+            if step % train.log_interval == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t0
+                step_metrics = dict(loss=total_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                                    tokens_per_sec=tokens_seen * world / max(elapsed, 1e-9),
+                                    peak_memory_gb=peak_memory_gb())
+                metrics.update(step_metrics)
+                # only this step's training metrics: validation logs val/* itself, once, at the step it ran
+                fabric.log_dict({f"train/{k}": v for k, v in step_metrics.items()}, step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
+            if progress is not None:
+                progress.update(1)
+            val_loss = None
+            if eval.interval and step % eval.interval == 0 and step < total_steps:
+                val_loss = metrics["val_loss"] = validate(fabric, method, val_loader, tokenizer, data, eval, step)
+            stopping = stop_requested(fabric, stop)
+            saving = bool(train.save_interval and step % train.save_interval == 0)
+            if saving or (stopping and train.save_on_interrupt):
+                if val_loss is not None and (state.get("best_val_loss") is None or val_loss < state["best_val_loss"]):
+                    state["best_val_loss"], state["best_step"] = val_loss, step  # in state.pt: survives a resume
+                save_resume_state(fabric, method, optimizer, scheduler, state, out_dir / f"step-{step}")
+                if train.keep_last is not None and fabric.global_rank == 0:
+                    prune_step_dirs(out_dir, train.keep_last, state.get("best_step") if train.keep_best else None)
+            if stopping:
+                raise TrainingInterrupted(interrupted_message(step, out_dir))
+    finally:  # the bar ends its line before any message below it
+        if progress is not None:
+            progress.close()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says where and what can be resumed (the CLI prints it, exit 130)."""
+
+
+def interrupted_message(step: int, out_dir: Path) -> str:
+    steps = step_dirs(out_dir)
+    if steps:
+        return f"interrupted at step {step}; last complete checkpoint: {steps[-1]} (resume with --resume true)"
+    return (f"interrupted at step {step}; no checkpoint was written (--train.save_interval N or "
+            "--train.save_on_interrupt true make a run resumable)")
+
+
+@contextmanager
+def sigint_stops_after_step() -> Iterator[list[bool]]:
+    """While training, the first Ctrl-C only sets a flag that the loop reads after the step (so it can stop with a
+    consistent state, and save it); a second one interrupts at once."""
+    stop = [False]
+
+    def handler(signum, frame) -> None:
+        if stop[0]:
+            raise KeyboardInterrupt
+        stop[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_requested(fabric: L.Fabric, stop: list[bool]) -> bool:
+    if fabric.world_size == 1:
+        return stop[0]
+    # every rank must stop after the same step, or the others would wait for it in the next all_reduce
+    return fabric.all_reduce(torch.tensor(float(stop[0]), device=fabric.device), reduce_op="sum").item() > 0
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters of the model as it is, not of its storage: a bitsandbytes Params4bit packs two 4-bit weights
+    per byte (its logical shape is in quant_state.shape), and so does litft's QuantizedEmbedding."""
+    total, seen = 0, set()
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) in seen:  # a tied weight counts once
+                continue
+            seen.add(id(p))
+            shape = getattr(getattr(p, "quant_state", None), "shape", None)
+            if isinstance(m, QuantizedEmbedding) and p is m.weight:
+                shape = (m.num_embeddings, m.embedding_dim)
+            total += math.prod(shape) if shape is not None else p.numel()
+    return total
 
 
 def _save_final(method: Finetune, d: Path, out_dir: Path) -> None:
@@ -383,8 +499,9 @@ def validate(fabric: L.Fabric, method: Finetune, val_loader: DataLoader, tokeniz
     out = generate(method.model, prompt.to(fabric.device), eval.max_new_tokens, eos_ids=tokenizer.eos_ids)
     text = tokenizer.decode(out[prompt.numel():], skip_special_tokens=True)
     method.train()
+    # printed with its special tokens: a chat prompt without its role markers would misread as plain text
     fabric.print(f"\nstep {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}\n"
-                 f"sample: {tokenizer.decode(prompt, skip_special_tokens=True)!r} -> {text!r}")
+                 f"sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(out[prompt.numel():])!r}")
     fabric.log_dict({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, step)
     if fabric.global_rank == 0 and fabric.loggers and hasattr(fabric.logger, "experiment"):
         fabric.logger.experiment.add_text("val/sample", text, step)
@@ -419,19 +536,75 @@ def exact_match(method: Finetune, tokenizer: Tokenizer, data: DataModule, eval: 
     return hits / max(n, 1)
 
 
-# -- resumable checkpoints ----------------------------------------------------------------------
-def save_dir_atomically(target: Path, write) -> None:
-    """Write a whole directory under a temp name, then rename it into place."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
+# -- run directories and resumable checkpoints ------------------------------------------------------
+RESUME_STATE = "state.pt"
+
+
+def step_dirs(out_dir: Path) -> list[Path]:
+    """The out_dir/step-N directories, oldest first."""
+    found = [p for p in out_dir.glob("step-*") if p.name[5:].isdigit() and p.is_dir()] if out_dir.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prepare_out_dir(out_dir: Path, resume: bool | Path, overwrite: bool) -> None:
+    """Before any model loads: out_dir must be a writable directory (or creatable), and may hold an earlier run
+    only when resuming it or when asked to overwrite it. Overwriting deletes that run's step-N/ and final/, so a
+    later `--resume true` cannot pick up the wrong run."""
+    if resume and overwrite:
+        raise LitftError("--resume and --overwrite exclude each other: resume continues the run in out_dir, "
+                         "overwrite deletes it")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LitftError(f"out_dir {out_dir}: {existing} is a file, not a directory; choose another --out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LitftError(f"out_dir {out_dir}: {existing} is not writable; choose another --out_dir")
+    if not out_dir.is_dir():
+        return
+    for backup in out_dir.glob(".*.old"):  # a replacement stopped half-way (see utils.write_dir_atomically)
+        recover_dir(out_dir / backup.name[1:-4])
+    for tmp in out_dir.glob(".*.tmp"):  # partial directories of a killed run: never complete, never read
         shutil.rmtree(tmp, ignore_errors=True)
+    earlier = step_dirs(out_dir) + [p for p in (out_dir / "final", out_dir / "config.yaml") if p.exists()]
+    if not earlier or resume:
+        return
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in earlier[-3:])
+    if not overwrite:
+        raise LitftError(f"out_dir {out_dir} already holds a run ({names}); continue it with --resume true, replace "
+                         "it with --overwrite true, or choose another --out_dir")
+    for p in earlier:
+        if p.is_dir():
+            trash = tmp_dir_name(p)  # renamed first: a kill while deleting leaves no half step-N
+            os.rename(p, trash)
+            shutil.rmtree(trash)
+        else:
+            p.unlink()
+
+
+def prune_step_dirs(out_dir: Path, keep_last: int, keep_step: int | None = None) -> None:
+    """Delete all but the newest `keep_last` step-N directories (and step-`keep_step`, the best one)."""
+    steps = step_dirs(out_dir)
+    keep = set(steps[-keep_last:]) | ({out_dir / f"step-{keep_step}"} if keep_step is not None else set())
+    for d in steps:
+        if d not in keep:
+            trash = tmp_dir_name(d)
+            os.rename(d, trash)  # gone in one step; a kill before rmtree leaves a temp dir, cleaned up later
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_failed(e: SaveError, out_dir: Path) -> LitftError:
+    """The one error for a failed save: what failed, which checkpoint is still intact, what to do."""
+    fix = "free space" if e.error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
+    parts = [str(e)]
+    if e.target.name == "final" and e.target.is_dir():
+        parts.append(f"the earlier {e.target} is intact")
+    steps = step_dirs(out_dir)
+    if steps:
+        parts.append(f"the previous checkpoint {steps[-1]} is intact; {fix} and rerun with --resume true")
+    else:
+        parts.append(f"no step checkpoint was written; {fix} and rerun with --overwrite true")
+    return LitftError("; ".join(parts))
 
 
 def save_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, state: dict, target: Path) -> None:
@@ -439,36 +612,79 @@ def save_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, 
         def write(d: Path) -> None:
             save_safetensors(method.trainable_state_dict(), d / method.weights_file, metadata={"format": "pt"})
             atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method.method_config(), sort_keys=False))
-            torch.save({
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }, d / "state.pt")
+            with open(d / RESUME_STATE, "wb", buffering=0) as f:  # unbuffered: a write error surfaces as OSError
+                torch.save({
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                }, f)
 
-        save_dir_atomically(target, write)
+        try:
+            write_dir_atomically(target, write)
+        except SaveError as e:
+            raise save_failed(e, target.parent) from e
     fabric.barrier()
+
+
+def read_resume_checkpoint(ckpt: Path, weights_file: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained weights and the loop state of a step-N directory; a missing, truncated, corrupt or hostile
+    file is one LitftError naming it (nothing is applied to the model before both read whole)."""
+    for name in (weights_file, RESUME_STATE):
+        if not (ckpt / name).is_file():
+            raise LitftError(f"{ckpt}: not a resumable checkpoint ({name} is missing; needs {RESUME_STATE} and "
+                             f"{weights_file})")
+    weights = dict(iter_safetensors(ckpt / weights_file))
+    path = ckpt / RESUME_STATE
+    try:
+        # weights_only: the state holds tensors, numbers and the python RNG tuple; anything else (a pickle that
+        # would import or call something) is refused before it runs
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch.load raises many types for a bad file; all mean the same
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LitftError(f"{path}: cannot load the resume state (truncated, corrupt, or not a litft state file; "
+                         f"only tensors and numbers are loaded): {first}") from e
+    keys = set(saved) if isinstance(saved, dict) else set()
+    missing = {"optimizer", "scheduler", "loop", "torch_rng", "python_rng"} - keys
+    if missing:
+        raise LitftError(f"{path}: not a litft resume state (no {', '.join(sorted(missing))})")
+    return weights, saved
 
 
 def load_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, out_dir: Path,
                       resume: bool | Path) -> dict:
     if resume is True:
-        steps = sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[5:].isdigit() else -1)
-        if not steps:
+        candidates = step_dirs(out_dir)[::-1]  # newest first; a damaged one falls back to the one before
+        if not candidates:
             raise LitftError(f"--resume true: no step-N checkpoint in {out_dir}")
-        ckpt = steps[-1]
     else:
-        ckpt = Path(resume)
-    if not (ckpt / "state.pt").is_file() or not (ckpt / method.weights_file).is_file():
-        raise LitftError(f"{ckpt}: not a resumable checkpoint (needs state.pt and {method.weights_file})")
-    method.load_trainable_state_dict(dict(iter_safetensors(ckpt / method.weights_file)))
-    # weights_only: the state holds tensors, numbers and the python RNG tuple, nothing executable
-    saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    random.setstate(_to_python_rng_state(saved["python_rng"]))
-    if torch.cuda.is_available() and saved["cuda_rng"]:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        candidates = [Path(resume)]
+    for i, ckpt in enumerate(candidates):
+        try:
+            weights, saved = read_resume_checkpoint(ckpt, method.weights_file)
+            break
+        except LitftError as e:
+            if i + 1 == len(candidates):
+                raise LitftError(f"{e} (and no earlier step-N checkpoint to fall back to)" if i else str(e)) from e
+            fabric.print(f"Warning: {e}; falling back to {candidates[i + 1]}")
+    try:
+        method.load_trainable_state_dict(weights)
+    except (RuntimeError, ValueError) as e:  # size mismatch / missing keys: the run was made with other options
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line),
+                      str(e).splitlines()[0])
+        detail = detail if len(detail) < 300 else detail[:297] + ".."
+        raise LitftError(f"{ckpt / method.weights_file}: does not fit this model ({detail}); it was written with other "
+                         f"method options (r, targets, ...): resume with the options in {ckpt.parent / 'config.yaml'}"
+                         ) from e
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(_to_python_rng_state(saved["python_rng"]))
+        if torch.cuda.is_available() and saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise LitftError(f"{ckpt / RESUME_STATE}: does not fit this run ({e}); resume with the options of the run "
+                         f"that wrote it ({ckpt.parent / 'config.yaml'})") from e
     fabric.print(f"Resumed from {ckpt} at step {saved['loop']['step']}")
     return dict(saved["loop"])
 

@@ -1,11 +1,16 @@
-"""Small shared helpers: atomic file writes, a one-line error type for the CLI."""
+"""Small shared helpers: atomic file and directory writes, a one-line error type for the CLI."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import re
+import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class LitftError(Exception):
@@ -24,8 +29,14 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the content reaches the disk before the name does: a power cut leaves old or new
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file should get the usual permissions
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -40,3 +51,135 @@ def _umask() -> int:
 def atomic_write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# -- directories, replaced so that a complete one exists at every instant --------------------------
+class SaveError(LitftError):
+    """Writing a directory failed (disk full, a write error): the previous one, if any, is intact."""
+
+    def __init__(self, target: Path, error: OSError) -> None:
+        self.target, self.error = target, error
+        what = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "write error"
+        super().__init__(f"{what} while writing {target} ({error.strerror or error})")
+
+
+def tmp_dir_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp")
+
+
+def backup_dir_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_dir(target: Path) -> None:
+    """Finish a replacement that the portable fallback of `write_dir_atomically` left half-way (a kill between
+    its two renames): the complete previous directory waits under the backup name; put it back."""
+    backup = backup_dir_name(target)
+    if backup.is_dir() and not target.exists():
+        os.rename(backup, target)
+        fsync_dir(target.parent)
+
+
+def write_dir_atomically(target: Path | str, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temp directory next to `target`, which then replaces `target` so that at every instant
+    either the complete old or the complete new directory is there (a kill -9 or a power cut included).
+
+    Linux: renameat2(RENAME_EXCHANGE) swaps the two in one step, then the old one is deleted. Elsewhere (or on a
+    filesystem without it): old -> backup name, new -> target, delete backup; `recover_dir` undoes a stop between
+    the two renames. Files are fsynced before the swap. A write error (e.g. a full disk) removes the temp directory,
+    leaves `target` as it was, and becomes a `SaveError`.
+    """
+    target = Path(target)
+    tmp = tmp_dir_name(target)
+    try:
+        recover_dir(target)
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a killed run
+        tmp.mkdir(parents=True)
+        write(tmp)
+        fsync_tree(tmp)
+        if target.exists():
+            if not _exchange(tmp, target):
+                backup = backup_dir_name(target)
+                shutil.rmtree(backup, ignore_errors=True)
+                os.rename(target, backup)
+                os.rename(tmp, target)
+                fsync_dir(target.parent)
+                shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        fsync_dir(target.parent)
+    except Exception as e:  # noqa: BLE001 -- sorted below: write errors become SaveError, the rest passes
+        error = None if isinstance(e, LitftError) else write_error_of(e, tmp.parent)
+        if error is None:
+            raise
+        raise SaveError(target, error) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial new one, or the old one after a swap
+
+
+def write_error_of(e: BaseException, where: Path) -> OSError | None:
+    """The OSError behind an exception raised while writing, if it is one. torch.save and safetensors report a full
+    disk as their own errors (a RuntimeError with the OSError as its context; "... (os error 28)")."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        code = re.search(r"\(os error (\d+)\)", str(seen))
+        if code:
+            return OSError(int(code[1]), os.strerror(int(code[1])))
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(where)
+        if st.f_bavail * st.f_frsize < 1 << 20:  # what a write that found no space leaves behind
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        pass
+    return None
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # this filesystem cannot: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def fsync_dir(d: Path | str) -> None:
+    """Make a directory's entries (renames, new files) durable; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):  # some filesystems refuse fsync on a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(d: Path) -> None:
+    """fsync every file and directory under `d` (and `d`), so its content survives a power cut."""
+    for root, _, files in os.walk(d):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)

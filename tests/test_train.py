@@ -181,3 +181,19 @@ def test_bad_input_is_one_clear_error(case, ckpt, task, tmp_path):
     assert not (out / "final").exists()
     if case == "nan":  # steps before the NaN saved fine; the failing step left nothing
         assert not list(out.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("quantize_embedding", [False, True])
+def test_qlora_counts_the_parameters_of_the_model_not_of_its_packed_storage(quantize_embedding, tmp_path):
+    """A Params4bit stores two 4-bit weights per byte, (n/2, 1) uint8; the start line counts n, as the model has."""
+    pytest.importorskip("bitsandbytes")
+    from litft.methods.qlora import QLoRA
+    from litft.train import count_parameters
+    from tests.helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", n_embd=128, intermediate_size=256)
+    method = QLoRA(checkpoint_dir=ckpt, quantize_embedding=quantize_embedding)
+    method.configure_model()
+    assert {type(p).__name__ for p in method.parameters()} >= {"Params4bit"}
+    n_lora = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    assert count_parameters(method) == sum(p.numel() for p in load_model(ckpt).parameters()) + n_lora
