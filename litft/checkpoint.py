@@ -21,6 +21,7 @@ from torch import nn
 
 from litft.models.config import Config
 from litft.models.gpt import GPT
+from litft.tokenizer import copy_tokenizer_files
 from litft.utils import LitftError, atomic_path
 
 WEIGHTS = "model.safetensors"
@@ -138,8 +139,6 @@ def save_checkpoint(
 ) -> Path:
     """Write a litft checkpoint: weights, then tokenizer files, then the config last (so a
     directory with a model_config.yaml is complete)."""
-    from litft.tokenizer import copy_tokenizer_files
-
     out_dir = Path(out_dir)
     sd = {k: v for k, v in state_dict.items() if not (config.tie_embeddings and k == "lm_head.weight")}
     validate_state_dict(config, {k: v.shape for k, v in sd.items()}, out_dir / WEIGHTS)

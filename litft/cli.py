@@ -18,37 +18,13 @@ from litft.utils import LitftError
 _RUN_EXCLUDE = ("method",)
 
 
-def init_args_of(obj: Any) -> dict[str, Any]:
-    from litft.methods.base import method_parameters
-
-    params, _ = method_parameters(type(obj))
-    return {p.name: getattr(obj, p.name) for p in params if hasattr(obj, p.name)}
-
-
-def to_yaml_value(value: Any) -> Any:
-    from dataclasses import asdict, is_dataclass
-
-    if is_dataclass(value):
-        return {k: to_yaml_value(v) for k, v in asdict(value).items()}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple, set)):
-        return [to_yaml_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: to_yaml_value(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}",
-            "init_args": to_yaml_value(init_args_of(value))}
-
-
 def finetune_command(method_cls: type) -> Callable[..., Any]:
-    from litft.methods.base import function_docs, method_parameters
     from litft.train import finetune
+    from litft.utils import function_docs, init_parameters
 
     run_sig = inspect.signature(finetune, eval_str=True)
     run_params = [p.replace(kind=p.KEYWORD_ONLY) for n, p in run_sig.parameters.items() if n not in _RUN_EXCLUDE]
-    m_params, m_docs = method_parameters(method_cls)
+    m_params, m_docs = init_parameters(method_cls)
     docs = {**function_docs(finetune), **m_docs}
     run_names = {p.name for p in run_params}
 

@@ -12,11 +12,11 @@ from typing import Iterator
 
 import torch
 
-from litft.checkpoint import (CONFIG, LITFT_FORMAT, WEIGHTS, check_checkpoint_dir, iter_safetensors, load_torch_file,
+from litft.checkpoint import (WEIGHTS, check_checkpoint_dir, iter_safetensors, load_torch_file,
                               read_json, safetensors_header, save_checkpoint, save_safetensors, validate_state_dict)
 from litft.models.config import Config
 from litft.models.hf import config_from_hf, config_to_hf, hf_to_litft, litft_to_hf
-
+from litft.tokenizer import copy_tokenizer_files
 from litft.utils import LitftError, atomic_write_text
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,8 +107,6 @@ def convert_from_litft(checkpoint_dir: Path, out_dir: Path) -> Path:
     del state_dict
     dtype = next(iter(hf_state.values())).dtype
     save_safetensors(hf_state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    from litft.tokenizer import copy_tokenizer_files
-
     copy_tokenizer_files(d, out_dir)
     hf_config = config_to_hf(config, dtype)
     # Special token ids: from the generation config when there is one; else null, never a family

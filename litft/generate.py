@@ -6,7 +6,11 @@ from pathlib import Path
 
 import torch
 
+from litft.checkpoint import load_model
+from litft.data.prompts import PromptStyle
+from litft.methods.run_dir import load_method
 from litft.models.gpt import GPT
+from litft.tokenizer import Tokenizer
 from litft.utils import LitftError
 
 
@@ -117,9 +121,6 @@ def main(
         adapter_dir: the `final/` directory of an adapter run (LoRA, DoRA, QLoRA, ..., or `litft import_peft`'s
             output): generate with its adapter on checkpoint_dir, unmerged (a QLoRA run keeps its quantized base).
     """
-    from litft.checkpoint import load_model
-    from litft.tokenizer import Tokenizer
-
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if precision not in PRECISIONS:
         raise LitftError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -128,16 +129,12 @@ def main(
     if adapter_dir is None:
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
     else:
-        from litft.methods.run_dir import load_method
-
         method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
         model = method.model
         if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
             model.to(device=device, dtype=dtype)  # activations' dtype; casting would touch its packed weights
     tokenizer = Tokenizer(checkpoint_dir)
     if prompt_style:
-        from litft.data.prompts import PromptStyle
-
         prompt = PromptStyle.from_name(prompt_style).apply(prompt)
     ids = tokenizer.encode(prompt)
     gen = torch.Generator(device=device).manual_seed(seed)

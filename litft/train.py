@@ -31,7 +31,8 @@ from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.tokenizer import Tokenizer
 from litft.adapters.quantize import QuantizedEmbedding
-from litft.utils import LitftError, SaveError, atomic_write_text, recover_dir, tmp_dir_name, write_dir_atomically
+from litft.utils import (LitftError, SaveError, atomic_write_text, recover_dir, tmp_dir_name, to_yaml_value,
+                         write_dir_atomically)
 
 
 @dataclass
@@ -136,8 +137,6 @@ def finetune(
             resume, an out_dir that already holds a run is refused.
         logger_name: tensorboard (logs under out_dir/logs) or none.
     """
-    from litft.cli import to_yaml_value
-
     # The resolved run config, in the layout `litft finetune <method> --config` reads back.
     run_config = {**method.method_config()["init_args"], **{k: to_yaml_value(v) for k, v in dict(
         data=data, out_dir=out_dir, train=train, eval=eval, devices=devices, strategy=strategy, precision=precision,

@@ -1,8 +1,10 @@
-"""Small shared helpers: atomic file and directory writes, a one-line error type for the CLI."""
+"""Small shared helpers: atomic file and directory writes, a one-line error type for the CLI, class signatures and
+config serialisation."""
 from __future__ import annotations
 
 import ctypes
 import errno
+import inspect
 import os
 import re
 import shutil
@@ -10,7 +12,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 class LitftError(Exception):
@@ -80,16 +82,23 @@ def recover_dir(target: Path) -> None:
         fsync_dir(target.parent)
 
 
-def write_dir_atomically(target: Path | str, write: Callable[[Path], None]) -> None:
+def write_dir_atomically(target: Path | str, write: Callable[[Path], None], replaceable: set[str] | None = None) -> Path:
     """`write(tmp)` fills a temp directory next to `target`, which then replaces `target` so that at every instant
     either the complete old or the complete new directory is there (a kill -9 or a power cut included).
 
     Linux: renameat2(RENAME_EXCHANGE) swaps the two in one step, then the old one is deleted. Elsewhere (or on a
     filesystem without it): old -> backup name, new -> target, delete backup; `recover_dir` undoes a stop between
     the two renames. Files are fsynced before the swap. A write error (e.g. a full disk) removes the temp directory,
-    leaves `target` as it was, and becomes a `SaveError`.
+    leaves `target` as it was, and becomes a `SaveError`. With `replaceable` (the names an earlier output of the same
+    kind holds), an existing `target` holding anything else is refused: never replace a user's other files.
     """
     target = Path(target)
+    if replaceable is not None and target.exists():
+        others = sorted(p.name for p in target.iterdir()) if target.is_dir() else [target.name]
+        others = [n for n in others if n not in replaceable]
+        if others:
+            raise LitftError(f"{target} exists and holds other files ({', '.join(others[:3])}); choose a new or empty "
+                             "out_dir")
     tmp = tmp_dir_name(target)
     try:
         recover_dir(target)
@@ -115,6 +124,7 @@ def write_dir_atomically(target: Path | str, write: Callable[[Path], None]) -> N
         raise SaveError(target, error) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the partial new one, or the old one after a swap
+    return target
 
 
 def write_error_of(e: BaseException, where: Path) -> OSError | None:
@@ -183,3 +193,60 @@ def fsync_tree(d: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(root)
+
+
+# -- signatures and config serialisation (the CLI's options, run configs) ---------------------------
+def function_docs(fn: Any) -> dict[str, str]:
+    """Argument name -> its description in `fn`'s Google-style docstring."""
+    import docstring_parser
+
+    doc = inspect.getdoc(fn) or ""
+    if doc.startswith("Args:"):  # the Google-style parser needs a summary line first
+        doc = "-\n\n" + doc
+    return {p.arg_name: p.description or "" for p in docstring_parser.parse(doc).params}
+
+
+def init_parameters(cls: type) -> tuple[list[inspect.Parameter], dict[str, str]]:
+    """Init parameters of a class and its bases (following `**kwargs` up the MRO), and their docs: what
+    `litft finetune <method>` offers as options, and what a run directory's init_args are checked against."""
+    params: dict[str, inspect.Parameter] = {}
+    docs: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__, eval_str=True)
+        for p in list(sig.parameters.values())[1:]:
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in params:
+                continue
+            params[p.name] = p.replace(kind=p.KEYWORD_ONLY)
+        for k, v in function_docs(klass.__init__).items():
+            docs.setdefault(k, v)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    # required (no default) first, so the combined signature is valid
+    ordered = sorted(params.values(), key=lambda p: p.default is not inspect.Parameter.empty)
+    return ordered, docs
+
+
+def init_args_of(obj: Any) -> dict[str, Any]:
+    """An object's init args, read back from its attributes of the same names."""
+    params, _ = init_parameters(type(obj))
+    return {p.name: getattr(obj, p.name) for p in params if hasattr(obj, p.name)}
+
+
+def to_yaml_value(value: Any) -> Any:
+    """`value` as plain YAML data, in the layout jsonargparse reads back (objects as class_path + init_args)."""
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(value):
+        return {k: to_yaml_value(v) for k, v in asdict(value).items()}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple, set)):
+        return [to_yaml_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_yaml_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}",
+            "init_args": to_yaml_value(init_args_of(value))}

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from litft import native
-from litft.models.gpt import CausalAttention, RMSNorm, SwiGLU, causal_attention
+from litft.models.fused import CausalAttention, SwiGLU, causal_attention
+from litft.models.gpt import RMSNorm
 
 KERNEL = native.enabled()  # builds into the session's temporary LITFT_CACHE_DIR (tests/conftest.py), not ~/.cache
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="no C++ compiler: litft's CPU kernels were not built")

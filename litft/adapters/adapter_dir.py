@@ -23,8 +23,7 @@ from litft.checkpoint import (METHOD_CONFIG, WEIGHTS, check_checkpoint_dir, iter
 from litft.models.config import Config
 from litft.models.gpt import GPT
 from litft.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
-from litft.utils import LitftError, atomic_write_text
-from litft.utils import write_dir_atomically as replace_dir_atomically
+from litft.utils import LitftError, atomic_write_text, write_dir_atomically
 
 ADAPTER_FILE = "adapter.safetensors"  # = LoRA.weights_file
 SUFFIXES = ("lora_A", "lora_B", "lora_magnitude")
@@ -118,19 +117,6 @@ def write_adapter_dir(adapter: AdapterWeights, out_dir: Path | str, checkpoint_d
         atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method_config, sort_keys=False))
 
     return write_dir_atomically(Path(out_dir), write, {ADAPTER_FILE, METHOD_CONFIG, *TOKENIZER_FILES})
-
-
-def write_dir_atomically(out_dir: Path, write: Callable[[Path], None], names: set[str]) -> Path:
-    """`write` fills a temp directory (with files named from `names`), which then replaces `out_dir`. An existing
-    `out_dir` is only replaced if it holds nothing else (an earlier output), never other files of the user's."""
-    if out_dir.exists():
-        others = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else [out_dir.name]
-        others = [n for n in others if n not in names]
-        if others:
-            raise LitftError(f"{out_dir} exists and holds other files ({', '.join(others[:3])}); choose a new or "
-                             "empty out_dir")
-    replace_dir_atomically(out_dir, write)
-    return out_dir
 
 
 def base_weight_reader(checkpoint_dir: Path | str) -> Callable[[str], Tensor]:

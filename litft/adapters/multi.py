@@ -34,6 +34,7 @@ from litft.adapters.dora import DoRALinear
 from litft.adapters.inject import adapter_modules, merge_adapters, unload_adapters, unmerge_adapters
 from litft.adapters.lora import LoRALinear
 from litft.adapters.peft_format import ADAPTER_CONFIG, peft_to_litft, read_peft_dir
+from litft.adapters.quantize import dequantize_weight, is_quantized_linear
 from litft.checkpoint import METHOD_CONFIG
 from litft.utils import LitftError
 
@@ -106,8 +107,6 @@ class AdapterModel:
         self.add_adapter(name, adapter)
 
     def _base_weight(self, module: str) -> Tensor:
-        from litft.adapters.quantize import dequantize_weight, is_quantized_linear
-
         layer = self._bases[module] if module in self._bases else self.model.get_submodule(module)
         return dequantize_weight(layer) if is_quantized_linear(layer) else layer.weight.detach()
 

@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from litft.adapters.adapter_dir import (FIX_BASE, AdapterWeights, base_weight_reader, check_fits, check_module_fits,
-                                        linear_shapes, read_adapter_dir, write_adapter_dir, write_dir_atomically)
+                                        linear_shapes, read_adapter_dir, write_adapter_dir)
 from litft.adapters.inject import TARGET_ALIASES
 from litft.adapters.lora import lora_scaling
 from litft.checkpoint import (check_checkpoint_dir, iter_safetensors, load_torch_file, read_json, run_base_dir,
                               save_safetensors)
 from litft.models.config import Config
 from litft.models.hf import fuse_rows, hf_modules, split_rows
-from litft.utils import LitftError, atomic_write_text
+from litft.utils import LitftError, atomic_write_text, write_dir_atomically
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -155,39 +155,6 @@ def _init_params(cls: type) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters)
 
 
-def function_docs(fn: Any) -> dict[str, str]:
-    """Argument name -> its description in `fn`'s Google-style docstring."""
-    import docstring_parser
-
-    doc = inspect.getdoc(fn) or ""
-    if doc.startswith("Args:"):  # the Google-style parser needs a summary line first
-        doc = "-\n\n" + doc
-    return {p.arg_name: p.description or "" for p in docstring_parser.parse(doc).params}
-
-
-def method_parameters(cls: type) -> tuple[list[inspect.Parameter], dict[str, str]]:
-    """Init parameters of a method class and its bases (following `**kwargs` up the MRO), and their docs.
-
-    What `litft finetune <method>` offers as options, and what a run directory's init_args are checked against."""
-    params: dict[str, inspect.Parameter] = {}
-    docs: dict[str, str] = {}
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        sig = inspect.signature(klass.__init__, eval_str=True)
-        for p in list(sig.parameters.values())[1:]:
-            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in params:
-                continue
-            params[p.name] = p.replace(kind=p.KEYWORD_ONLY)
-        for k, v in function_docs(klass.__init__).items():
-            docs.setdefault(k, v)
-        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-            break
-    # required (no default) first, so the combined signature is valid
-    ordered = sorted(params.values(), key=lambda p: p.default is not inspect.Parameter.empty)
-    return ordered, docs
-
-
 def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
     if name.startswith(("bnb.", "bitsandbytes.")):
         import bitsandbytes as bnb

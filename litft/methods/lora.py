@@ -10,6 +10,7 @@ import yaml
 from litft.adapters.inject import (BIAS_MODES, adapter_state_dict, inject_adapters, load_adapter_state_dict,
                                    mark_only_adapters_trainable, resolve_targets, unload_adapters)
 from litft.adapters.lora import LoRALinear
+from litft.adapters.quantize import check_quantize, dequantize_model, load_quantized_model
 from litft.checkpoint import iter_safetensors, read_method_config, save_safetensors
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.models.gpt import GPT
@@ -73,8 +74,6 @@ class LoRA(Finetune):
             raise LitftError(f"--targets: {e}") from None
         self.r, self.alpha, self.dropout, self.bias, self.use_rslora = r, alpha, dropout, bias, use_rslora
         if quantize is not None:  # mode and bitsandbytes version checked now, before any model loads
-            from litft.adapters.quantize import check_quantize
-
             check_quantize(quantize)
         if quantize_embedding and not quantize:
             raise LitftError("quantize_embedding applies to a quantized base only: also pass a quantize mode (e.g. "
@@ -110,8 +109,6 @@ class LoRA(Finetune):
         if self.model is not None:
             return
         if self.quantize:  # QLoRA: the frozen base is quantized while it streams in, on the training device
-            from litft.adapters.quantize import load_quantized_model
-
             self.model = load_quantized_model(self.checkpoint_dir, self.quantize, self.quantize_skip,
                                               quantize_embedding=self.quantize_embedding)
             self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
@@ -151,8 +148,6 @@ class LoRA(Finetune):
             self.configure_model()
             self.load_trainable_state_dict(adapters)
         elif self.quantize and into == "dequantized":
-            from litft.adapters.quantize import dequantize_model
-
             dequantize_model(self.model)
         elif self.quantize:
             raise LitftError(f"unknown merge target {into!r}: use original or dequantized")

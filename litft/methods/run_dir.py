@@ -17,8 +17,8 @@ from typing import Any
 from litft.checkpoint import METHOD_CONFIG, iter_safetensors, read_method_config, run_base_dir, save_checkpoint
 from litft.convert import check_out_dir
 from litft.methods import METHODS
-from litft.methods.base import Finetune, method_parameters
-from litft.utils import LitftError
+from litft.methods.base import Finetune
+from litft.utils import LitftError, init_parameters
 
 
 def class_path(cls: type) -> str:
@@ -57,7 +57,7 @@ def check_init_args(cls: type[Finetune], init_args: dict[str, Any], source: str)
     jsonargparse, the library that parses the same options on the command line; returns the typed values."""
     from jsonargparse import ArgumentError, ArgumentParser
 
-    params, _ = method_parameters(cls)
+    params, _ = init_parameters(cls)
     parser = ArgumentParser(exit_on_error=False)
     for p in params:
         required = p.default is inspect.Parameter.empty

@@ -6,7 +6,7 @@ A new family is a set of field values here plus a weight-name map in `hf.py`; th
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import types
 import typing
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from litft.utils import LitftError
+from litft.utils import LitftError, atomic_write_text
 
 FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt_neox")
 
@@ -133,8 +133,6 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: Path | str) -> None:
-        from litft.utils import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

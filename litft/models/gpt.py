@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from litft.models.config import Config
-from litft.models.fused import (  # noqa: F401  (CausalAttention: re-exported, tests/test_native.py imports it here)
-    CausalAttention,
+from litft.models.fused import (
     LinearCrossEntropy,
     RMSNormFunction,
     Rope,
