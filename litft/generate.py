@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,8 +49,11 @@ def generate(
     eos_ids: set[int] | tuple[int, ...] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
 ) -> torch.Tensor:
-    """Prompt (T,) -> prompt + up to max_new_tokens new tokens (stops after an eos id)."""
+    """Prompt (T,) -> prompt + up to max_new_tokens new tokens; stops after an eos id or once the new tokens end
+    with one of `stop_sequences` (a prompt style's end-of-turn marker, `PromptStyle.stop_tokens`), kept in the
+    output as the eos id is."""
     if prompt.ndim != 1 or prompt.numel() == 0:
         raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
     total = prompt.numel() + max_new_tokens
@@ -69,13 +73,17 @@ def generate(
             nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
-            if int(nxt) in eos_ids:
+            if int(nxt) in eos_ids or _ends_with_stop(tokens[0, prompt.numel():].tolist(), stop_sequences):
                 break
     finally:
         if use_cache:
             model.clear_kv_cache()
         model.train(was_training)
     return tokens[0]
+
+
+def _ends_with_stop(new_tokens: list[int], stop_sequences: Sequence[Sequence[int]]) -> bool:
+    return any(0 < len(seq) <= len(new_tokens) and new_tokens[-len(seq):] == list(seq) for seq in stop_sequences)
 
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -134,12 +142,15 @@ def main(
         if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
             model.to(device=device, dtype=dtype)  # activations' dtype; casting would touch its packed weights
     tokenizer = Tokenizer(checkpoint_dir)
+    stops: tuple[list[int], ...] = ()
     if prompt_style:
-        prompt = PromptStyle.from_name(prompt_style).apply(prompt)
+        style = PromptStyle.from_name(prompt_style)
+        prompt, stops = style.apply(prompt), style.stop_tokens(tokenizer)
     ids = tokenizer.encode(prompt)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
-    out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_ids, generator=gen)
+    out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_ids, generator=gen,
+                   stop_sequences=stops)
     dt = time.perf_counter() - t0
     text = tokenizer.decode(out[ids.numel():], skip_special_tokens=True)
     print(prompt + text)

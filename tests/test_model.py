@@ -105,6 +105,26 @@ def test_logits_match_transformers_both_directions(name, dialect, tmp_path):
     assert (again - expected).abs().max() <= 1e-4
 
 
+def test_generation_stops_at_a_stop_sequence():
+    """Greedy decoding stops right after the new tokens end with a stop sequence (a multi-token end-of-turn marker),
+    and not at the same ids inside the prompt."""
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=64, n_layer=1, n_embd=32, n_head=2, intermediate_size=64,
+                       max_seq_length=64)).eval()
+    prompt = torch.tensor([1, 5, 9, 33])
+    free = generate(model, prompt, 20)[4:].tolist()
+    assert len(free) == 20
+    stop = free[16:18]  # a 2-token "marker" greedy decoding produces at new tokens 17-18 (its last id also at 12)
+    assert stop[-1] in free[:16]  # so a check of the last id alone would stop too early
+    first = next(i for i in range(1, len(free)) if free[i - 1:i + 1] == stop)  # its first complete occurrence
+    out = generate(model, prompt, 20, stop_sequences=[stop, [63, 62, 61]])[4:].tolist()
+    assert out == free[:first + 1]
+    # a marker that would span the prompt's end and the first new token does not count: only new tokens are searched
+    across = [33, free[0]]
+    assert all(free[i:i + 2] != across for i in range(len(free) - 1))
+    assert generate(model, prompt, 20, stop_sequences=[across])[4:].tolist() == free
+
+
 @pytest.mark.parametrize("name", ["llama3", "mistral", "gemma", "pythia", "phi3"])
 def test_greedy_generation_matches_transformers(name, tmp_path):
     hf_model = make_hf_model(name, tmp_path / "hf", seed=3)
