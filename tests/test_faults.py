@@ -193,8 +193,8 @@ def test_kill_9_at_random_moments_always_resumes_to_the_same_weights(ckpt, task,
         resumed_from.append(done)
         proc, _ = start(out, *(["--resume", "true"] if done else ["--overwrite", "true"]))
         # a random later step k: once its save began, kill within a step and a half (load-proof: no fixed delay)
-        k = rng.randint(done + 1, min(steps, done + 10))
-        while proc.poll() is None and not ((out / f"step-{k}").exists() or (out / f".step-{k}.tmp").exists()):
+        k = rng.randint(done + 1, min(steps, done + 10)) if done < steps else None  # None: only final/ is left
+        while k and proc.poll() is None and not ((out / f"step-{k}").exists() or (out / f".step-{k}.tmp").exists()):
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 1.5) * window / steps)
         if proc.poll() is None:
