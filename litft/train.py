@@ -25,12 +25,12 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
+from litft.adapters.quantize import QuantizedEmbedding
 from litft.checkpoint import iter_safetensors, save_safetensors
 from litft.data.base import DataModule
 from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.tokenizer import Tokenizer
-from litft.adapters.quantize import QuantizedEmbedding
 from litft.utils import (LitftError, SaveError, atomic_write_text, cpuinfo_field, recover_dir, tmp_dir_name,
                          write_dir_atomically)
 
@@ -131,8 +131,8 @@ def finetune(
         seed: random seed (data order, init, dropout).
         resume: true to continue from the latest out_dir/step-N (falling back to the one before if it is
             damaged), or a step-N directory.
-        overwrite: replace the earlier run in out_dir (its step-N/ and final/ are deleted first); without it, or
-            resume, an out_dir that already holds a run is refused.
+        overwrite: replace the earlier run in out_dir (its step-N/, final/ and config.yaml are deleted first; logs/
+            stays); without it, or resume, an out_dir that already holds a run is refused.
         logger_name: tensorboard (logs under out_dir/logs) or none.
     """
     from litft.cli import to_yaml_value
