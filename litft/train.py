@@ -25,12 +25,12 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
+from litft.adapters.quantize import QuantizedEmbedding
 from litft.checkpoint import iter_safetensors, save_safetensors
 from litft.data.base import DataModule
 from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.tokenizer import Tokenizer
-from litft.adapters.quantize import QuantizedEmbedding
 from litft.utils import (LitftError, SaveError, atomic_write_text, recover_dir, tmp_dir_name, to_yaml_value,
                          write_dir_atomically)
 
@@ -133,8 +133,8 @@ def finetune(
         seed: random seed (data order, init, dropout).
         resume: true to continue from the latest out_dir/step-N (falling back to the one before if it is
             damaged), or a step-N directory.
-        overwrite: replace the earlier run in out_dir (its step-N/ and final/ are deleted first); without it, or
-            resume, an out_dir that already holds a run is refused.
+        overwrite: replace the earlier run in out_dir (its step-N/, final/ and config.yaml are deleted first; logs/
+            stays); without it, or resume, an out_dir that already holds a run is refused.
         logger_name: tensorboard (logs under out_dir/logs) or none.
     """
     # The resolved run config, in the layout `litft finetune <method> --config` reads back.
@@ -303,11 +303,8 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
             fabric.print(f"Exact match after fine-tuning: {metrics['exact_match_after']:.1%}")
             fabric.log_dict({"val/exact_match": metrics["exact_match_after"]}, state["step"])
         final = out_dir / "final"
+        save_on_rank0(fabric, final, lambda d: _save_final(method, d, out_dir), out_dir)
         if rank == 0:
-            try:
-                write_dir_atomically(final, lambda d: _save_final(method, d, out_dir))
-            except SaveError as e:
-                raise save_failed(e, out_dir) from e
             fabric.print(f"Saved {final}")
             if fabric.loggers:
                 fabric.print(f"TensorBoard logs: {fabric.logger.log_dir}  "
@@ -607,22 +604,35 @@ def save_failed(e: SaveError, out_dir: Path) -> LitftError:
 
 
 def save_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, state: dict, target: Path) -> None:
-    if fabric.global_rank == 0:
-        def write(d: Path) -> None:
-            save_safetensors(method.trainable_state_dict(), d / method.weights_file, metadata={"format": "pt"})
-            atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method.method_config(), sort_keys=False))
-            with open(d / RESUME_STATE, "wb", buffering=0) as f:  # unbuffered: a write error surfaces as OSError
-                torch.save({
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                }, f)
+    def write(d: Path) -> None:  # on rank 0
+        save_safetensors(method.trainable_state_dict(), d / method.weights_file, metadata={"format": "pt"})
+        atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method.method_config(), sort_keys=False))
+        with open(d / RESUME_STATE, "wb", buffering=0) as f:  # unbuffered: a write error surfaces as OSError
+            torch.save({
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }, f)
 
+    save_on_rank0(fabric, target, write, target.parent)
+    fabric.barrier()
+
+
+def save_on_rank0(fabric: L.Fabric, target: Path, write, out_dir: Path) -> None:
+    """Rank 0 writes the directory `target`; every rank learns whether that failed, so that none waits forever
+    at the next collective while rank 0 stops with the error."""
+    error = None
+    if fabric.global_rank == 0:
         try:
             write_dir_atomically(target, write)
         except SaveError as e:
-            raise save_failed(e, target.parent) from e
-    fabric.barrier()
+            error = save_failed(e, out_dir)
+    if fabric.world_size > 1:
+        failed = fabric.all_reduce(torch.tensor(float(error is not None), device=fabric.device), reduce_op="sum")
+        if failed.item() > 0 and error is None:
+            raise LitftError(f"rank 0 could not write {target} (its error says why)")
+    if error is not None:
+        raise error
 
 
 def read_resume_checkpoint(ckpt: Path, weights_file: str) -> tuple[dict[str, torch.Tensor], dict]:
