@@ -112,13 +112,24 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadat
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def expected_shapes(config: Config) -> dict[str, torch.Size]:
+def meta_model(config: Config) -> GPT:
+    """The model of a config on the meta device: its names and shapes, no memory."""
     with torch.device("meta"):
-        model = GPT(config)
-    sd = model.state_dict()
+        return GPT(config)
+
+
+def expected_shapes(config: Config) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor a checkpoint of this config holds (a tied head is stored as the embedding)."""
+    sd = meta_model(config).state_dict()
     if config.tie_embeddings:
         sd.pop("lm_head.weight")
     return {k: v.shape for k, v in sd.items()}
+
+
+def linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear layer of a model with this config."""
+    return {n: (m.out_features, m.in_features) for n, m in meta_model(config).named_modules()
+            if isinstance(m, nn.Linear)}
 
 
 def validate_state_dict(config: Config, shapes: dict[str, torch.Size], source: Path | str) -> None:
@@ -168,8 +179,7 @@ def load_model(
     config = config or Config.from_checkpoint(d)
     path = d / WEIGHTS
     validate_state_dict(config, safetensors_header(path)[0], path)
-    with torch.device("meta"):
-        model = GPT(config)
+    model = meta_model(config)
     if prepare is not None:
         prepare(model)
     for key, tensor in iter_safetensors(path):

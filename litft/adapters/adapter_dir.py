@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-import torch
 import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
-from litft.checkpoint import (METHOD_CONFIG, WEIGHTS, check_checkpoint_dir, iter_safetensors, read_method_config,
-                              read_tensor, safetensors_header, save_safetensors)
+from litft.checkpoint import (METHOD_CONFIG, WEIGHTS, check_checkpoint_dir, iter_safetensors, linear_shapes,
+                              read_method_config, read_tensor, safetensors_header, save_safetensors)
 from litft.models.config import Config
-from litft.models.gpt import GPT
 from litft.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from litft.utils import LitftError, atomic_write_text, write_dir_atomically
 
@@ -131,13 +129,6 @@ def base_weight_reader(checkpoint_dir: Path | str) -> Callable[[str], Tensor]:
         return read_tensor(path, name)
 
     return read
-
-
-def linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
-    """(out, in) of every Linear layer of a model with this config (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 FIX_BASE = "it was made for another base model: pass the checkpoint_dir of the model it was trained on"

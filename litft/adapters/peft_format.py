@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from litft.adapters.adapter_dir import (FIX_BASE, AdapterWeights, base_weight_reader, check_fits, check_module_fits,
-                                        linear_shapes, read_adapter_dir, write_adapter_dir)
+                                        read_adapter_dir, write_adapter_dir)
 from litft.adapters.inject import TARGET_ALIASES
 from litft.adapters.lora import lora_scaling
-from litft.checkpoint import (check_checkpoint_dir, iter_safetensors, load_torch_file, read_json, run_base_dir,
-                              save_safetensors)
+from litft.checkpoint import (check_checkpoint_dir, iter_safetensors, linear_shapes, load_torch_file, read_json,
+                              run_base_dir, save_safetensors)
 from litft.models.config import Config
 from litft.models.hf import fuse_rows, hf_modules, split_rows
 from litft.utils import LitftError, atomic_write_text, write_dir_atomically
