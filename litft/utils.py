@@ -235,7 +235,11 @@ def init_args_of(obj: Any) -> dict[str, Any]:
 
 
 def to_yaml_value(value: Any) -> Any:
-    """`value` as plain YAML data, in the layout jsonargparse reads back (objects as class_path + init_args)."""
+    """`value` as plain YAML data, in the layout jsonargparse reads back (objects as class_path + init_args).
+
+    Not jsonargparse's own `parser.dump`: that serialises a parsed Namespace, and a run started from Python
+    (`finetune(LoRA(...), data=JSON(...))`) has no parser and no Namespace, only live objects; this turns those
+    objects back into what the parser would have produced, so both entry points write the same config.yaml."""
     from dataclasses import asdict, is_dataclass
 
     if is_dataclass(value):
