@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from litft.demo.corpus import make_corpus
-from litft.demo.task import make_task_data
+from litft.demo.task import make_hard_task_data, make_task_data
 from litft.models.config import Config
 from litft.models.gpt import GPT, chunked_cross_entropy
 
@@ -159,6 +159,9 @@ def write_task_data(data_dir: Path, seed: int = 0) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "train.json").write_text(records_to_json(train), encoding="utf-8")
     (data_dir / "test.json").write_text(records_to_json(test), encoding="utf-8")
+    hard_train, hard_test = make_hard_task_data(seed=seed)
+    (data_dir / "hard_train.json").write_text(records_to_json(hard_train), encoding="utf-8")
+    (data_dir / "hard_test.json").write_text(records_to_json(hard_test), encoding="utf-8")
 
 
 def records_to_json(records: list[dict[str, str]]) -> str:
@@ -188,7 +191,7 @@ def build(
     out_dir = Path(out_dir)
     if data:
         write_task_data(out_dir / "data", seed=seed)
-        print(f"wrote {out_dir / 'data'}/train.json, test.json", flush=True)
+        print(f"wrote {out_dir / 'data'}/train.json, test.json, hard_train.json, hard_test.json", flush=True)
     if not model:
         return out_dir
     from litft.checkpoint import save_checkpoint

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from litft.demo.words import CATEGORIES
+from litft.demo.words import CATEGORIES, TASK_WORDS
 
 Record = dict[str, str]
 
@@ -64,3 +64,64 @@ def word_of(rec: Record) -> str:
         if text.startswith(head) and text.endswith(tail):
             return text[len(head) : len(text) - len(tail)]
     raise ValueError(f"not a demo task instruction: {rec['instruction']!r}")
+
+
+# -- the harder task: tells methods apart ------------------------------------------------------------------
+# On the task above every method reaches 100%, so a side-by-side table cannot rank them. This one composes the
+# same knowledge in two ways and gives less data: pick the word of a named kind out of three ("Which of these
+# is a food: rug, noodle, otter?" -> "noodle": the model must judge three words and copy the right one), and
+# name the kinds of two words in order ("What kinds are otter and rug?" -> "animal and object": a multi-token
+# answer). Held out by word as above: every word of a test question is a test word.
+PICK_QUESTIONS: tuple[str, ...] = (
+    "Which of these is {article} {kind}: {a}, {b}, {c}?",
+    "Of {a}, {b} and {c}, which one is {article} {kind}?",
+)
+PAIR_QUESTIONS: tuple[str, ...] = (
+    "What kinds are {a} and {b}?",
+    "Classify {a} and {b}.",
+)
+
+
+def _article(kind: str) -> str:
+    return "an" if kind[0] in "aeiou" else "a"
+
+
+def make_hard_task_data(seed: int = 0, n_train: int = 400, n_test: int = 200,
+                        test_fraction: float = 0.4) -> tuple[list[Record], list[Record]]:
+    """(train, test) of the harder task, half pick-one-of-three, half name-two-kinds, seeded. Same word split as
+    `make_task_data` for the same seed, so the test words are unseen in both tasks' training data."""
+    train_words, test_words = split_words(seed, test_fraction)
+    r = random.Random(seed + 1000)
+
+    def records(words: dict[str, str], n: int) -> list[Record]:
+        by_kind: dict[str, list[str]] = {}
+        for w, c in words.items():
+            by_kind.setdefault(c, []).append(w)
+        kinds = sorted(by_kind)
+        out, seen = [], set()
+        while len(out) < n:
+            if len(out) % 2 == 0:  # pick: three words of three different kinds, one of them asked for
+                picked = r.sample(kinds, 3)
+                ws = [r.choice(by_kind[k]) for k in picked]
+                kind = picked[r.randrange(3)]
+                q = r.choice(PICK_QUESTIONS).format(article=_article(kind), kind=kind, a=ws[0], b=ws[1], c=ws[2])
+                answer = ws[picked.index(kind)]
+            else:  # pair: two words, their kinds in order
+                ka, kb = r.choice(kinds), r.choice(kinds)
+                a, b = r.choice(by_kind[ka]), r.choice(by_kind[kb])
+                if a == b:
+                    continue
+                q = r.choice(PAIR_QUESTIONS).format(a=a, b=b)
+                answer = f"{ka} and {kb}"
+            if q not in seen:
+                seen.add(q)
+                out.append({"instruction": q, "input": "", "output": answer})
+        return out
+
+    return records(train_words, n_train), records(test_words, n_test)
+
+
+def words_of_hard(rec: Record) -> list[str]:
+    """The task words a harder-task record mentions (for the held-out check)."""
+    text = rec["instruction"].replace(",", " ").replace("?", " ").replace(".", " ").replace(":", " ")
+    return [w for w in text.split() if w in TASK_WORDS]
