@@ -13,7 +13,7 @@ import torch
 from litft.checkpoint import expected_shapes, load_model, load_state_dict
 from litft.cli import run
 from litft.demo.build import build
-from litft.demo.task import word_of
+from litft.demo.task import word_of, words_of_hard
 from litft.demo.words import CATEGORIES
 from litft.models.config import Config
 from litft.tokenizer import Tokenizer
@@ -73,9 +73,28 @@ def test_task_data_is_nonempty_wellformed_and_disjoint():
     assert {r["output"] for r in test} == set(CATEGORIES)
 
 
+def test_hard_task_data_is_right_and_held_out_by_word():
+    train, test = _records("hard_train.json"), _records("hard_test.json")
+    assert len(train) == 400 and len(test) == 200
+    category_of = {w: c for c, words in CATEGORIES.items() for w in words}
+    easy_train_words = {word_of(r) for r in _records("train.json")}
+    for rec in train + test:
+        words = words_of_hard(rec)
+        if " and " in rec["output"]:  # name the kinds of two words, in order
+            assert len(words) == 2 and rec["output"] == f"{category_of[words[0]]} and {category_of[words[1]]}"
+        else:  # pick the one word of the asked kind out of three of different kinds
+            kind = next(k for k in CATEGORIES if f" {k}" in rec["instruction"].split(":")[0].replace("?", " "))
+            assert len(words) == 3 and len({category_of[w] for w in words}) == 3
+            assert rec["output"] in words and category_of[rec["output"]] == kind
+    test_words = {w for r in test for w in words_of_hard(r)}
+    # every word of a test question is unseen in the training data of both tasks
+    assert not test_words & {w for r in train for w in words_of_hard(r)} and not test_words & easy_train_words
+    assert len({r["instruction"] for r in train}) == len(train)
+
+
 def test_build_regenerates_identical_task_data(tmp_path):
     build(tmp_path, model=False)  # the default seed is the shipped one; data only, no pretraining
-    for name in ("train.json", "test.json"):
+    for name in ("train.json", "test.json", "hard_train.json", "hard_test.json"):
         assert (tmp_path / "data" / name).read_bytes() == (DATA / name).read_bytes()
     build(tmp_path / "other", seed=1, model=False)
     assert (tmp_path / "other" / "data" / "test.json").read_bytes() != (DATA / "test.json").read_bytes()
