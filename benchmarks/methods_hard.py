@@ -7,10 +7,12 @@ process, methods alternating within each seed round. Prints trainable parameters
 and a validation-loss plot of the first seed (`litft plot`).
 
     python benchmarks/methods_hard.py                                  # every method in litft.methods.METHODS
-    python benchmarks/methods_hard.py --methods lora dora --seeds 0 1 2 --steps 200
+    python benchmarks/methods_hard.py --methods lora dora --seeds 0 1 2 --steps 90
 
-The harder task (`litft/demo/data/hard_*.json`, made by `litft/demo/task.py`): pick the word of a named kind
-out of three, or name the kinds of two words; every test word is unseen in training.
+The harder task (`litft/demo/data/hard_*.json`, made by `litft/demo/task.py`): name the kinds of two or three
+words in order, from 160 training records; every test word is unseen in training. Its held-out score jumps
+from ~0 to ~100% once a run "gets" it (LoRA: 5.5% at 60 steps, 47-94% at 90 by seed, 99.5% at 120), so a
+fixed 90-step budget ranks methods by how fast they learn, with a wide spread over seeds.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def run_one(method: str, seed: int, steps: int, out_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "litft.cli", "finetune", method,
            "--config", f"config_hub/finetune/demo/{method}.yaml",
            "--data.json_path", f"{DATA}/hard_train.json", "--data.val_json_path", f"{DATA}/hard_test.json",
-           "--train.max_steps", str(steps), "--eval.interval", str(max(steps // 8, 1)), "--eval.max_iters", "13",
+           "--train.max_steps", str(steps), "--eval.interval", str(max(steps // 6, 1)), "--eval.max_iters", "13",
            "--seed", str(seed), "--out_dir", str(out_dir), "--overwrite", "true"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -62,7 +64,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if (REPO / "config_hub/finetune/demo" /
                                                                           f"{m}.yaml").is_file() and m != "dpo"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=90)  # mid-way: LoRA 5.5% at 60 steps, 47-94% at 90, 99.5% at 120
     p.add_argument("--out", type=Path, default=REPO / "out" / "methods-hard")
     args = p.parse_args()
 

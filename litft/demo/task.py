@@ -68,60 +68,43 @@ def word_of(rec: Record) -> str:
 
 # -- the harder task: tells methods apart ------------------------------------------------------------------
 # On the task above every method reaches 100%, so a side-by-side table cannot rank them. This one composes the
-# same knowledge in two ways and gives less data: pick the word of a named kind out of three ("Which of these
-# is a food: rug, noodle, otter?" -> "noodle": the model must judge three words and copy the right one), and
-# name the kinds of two words in order ("What kinds are otter and rug?" -> "animal and object": a multi-token
-# answer). Held out by word as above: every word of a test question is a test word.
-PICK_QUESTIONS: tuple[str, ...] = (
-    "Which of these is {article} {kind}: {a}, {b}, {c}?",
-    "Of {a}, {b} and {c}, which one is {article} {kind}?",
-)
-PAIR_QUESTIONS: tuple[str, ...] = (
-    "What kinds are {a} and {b}?",
-    "Classify {a} and {b}.",
+# same knowledge into multi-token answers and gives far less data: name the kinds of two or three words, in
+# order ("What kinds are otter, rug and red?" -> "animal, object and color"). Held out by word as above: every
+# word of a test question is a test word. (A pick-one-of-three variant, "Which of these is a food: rug, noodle,
+# otter?", was tried and dropped: at this model size no method learned to copy the word, 0% for all.)
+KINDS_QUESTIONS: tuple[str, ...] = (
+    "What kinds are {words}?",
+    "Classify {words}.",
+    "Name the kinds of {words}.",
 )
 
 
-def _article(kind: str) -> str:
-    return "an" if kind[0] in "aeiou" else "a"
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def make_hard_task_data(seed: int = 0, n_train: int = 400, n_test: int = 200,
+def make_hard_task_data(seed: int = 0, n_train: int = 160, n_test: int = 200,
                         test_fraction: float = 0.4) -> tuple[list[Record], list[Record]]:
-    """(train, test) of the harder task, half pick-one-of-three, half name-two-kinds, seeded. Same word split as
-    `make_task_data` for the same seed, so the test words are unseen in both tasks' training data."""
+    """(train, test) of the harder task: questions about 2 or 3 distinct words (alternating), seeded. Same word
+    split as `make_task_data` for the same seed, so the test words are unseen in both tasks' training data."""
     train_words, test_words = split_words(seed, test_fraction)
     r = random.Random(seed + 1000)
 
     def records(words: dict[str, str], n: int) -> list[Record]:
-        by_kind: dict[str, list[str]] = {}
-        for w, c in words.items():
-            by_kind.setdefault(c, []).append(w)
-        kinds = sorted(by_kind)
+        pool = sorted(words)
         out, seen = [], set()
         while len(out) < n:
-            if len(out) % 2 == 0:  # pick: three words of three different kinds, one of them asked for
-                picked = r.sample(kinds, 3)
-                ws = [r.choice(by_kind[k]) for k in picked]
-                kind = picked[r.randrange(3)]
-                q = r.choice(PICK_QUESTIONS).format(article=_article(kind), kind=kind, a=ws[0], b=ws[1], c=ws[2])
-                answer = ws[picked.index(kind)]
-            else:  # pair: two words, their kinds in order
-                ka, kb = r.choice(kinds), r.choice(kinds)
-                a, b = r.choice(by_kind[ka]), r.choice(by_kind[kb])
-                if a == b:
-                    continue
-                q = r.choice(PAIR_QUESTIONS).format(a=a, b=b)
-                answer = f"{ka} and {kb}"
+            ws = r.sample(pool, 2 + len(out) % 2)
+            q = r.choice(KINDS_QUESTIONS).format(words=_join(ws))
             if q not in seen:
                 seen.add(q)
-                out.append({"instruction": q, "input": "", "output": answer})
+                out.append({"instruction": q, "input": "", "output": _join([words[w] for w in ws])})
         return out
 
     return records(train_words, n_train), records(test_words, n_test)
 
 
 def words_of_hard(rec: Record) -> list[str]:
-    """The task words a harder-task record mentions (for the held-out check)."""
-    text = rec["instruction"].replace(",", " ").replace("?", " ").replace(".", " ").replace(":", " ")
+    """The task words a harder-task record mentions, in order."""
+    text = rec["instruction"].replace(",", " ").replace("?", " ").replace(".", " ")
     return [w for w in text.split() if w in TASK_WORDS]
