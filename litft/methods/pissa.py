@@ -75,7 +75,7 @@ class PiSSA(LoRAPlusGroups, NEFTuneNoise, LoRA):
             return
         init = dict(iter_safetensors(self.init_adapter / self.weights_file)) if self.init_adapter else None
         if init is not None and self._start is None:
-            self._start = {k.rsplit(".", 1)[0]: (init[k], init[k[:-1] + "B0"]) for k in init if k.endswith(".lora_A0")}
+            self._start = {k.rsplit(".", 1)[0]: (init[k], init[k[:-2] + "B0"]) for k in init if k.endswith(".lora_A0")}
         Finetune.configure_model(self)  # full precision: decompose first, quantize the residual after
         self.model.requires_grad_(False)
         targets = {n: m for n, m in self.model.named_modules()
