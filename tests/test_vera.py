@@ -225,3 +225,11 @@ def test_quantized_base(ckpt):
     x = torch.randint(0, 320, (1, 8))
     method.model(x).sum().backward()
     assert layer.vera_lambda_b.grad is not None and layer.vera_lambda_b.grad.abs().max() > 0
+    full = VeRA(checkpoint_dir=ckpt, r=8, targets=["all-linear"])  # the same lambdas on the full-precision base
+    full.configure_model()
+    with torch.no_grad():
+        for (_, m), (_, mq) in zip(adapter_modules(full.model), adapter_modules(method.model)):
+            mq.vera_lambda_b.normal_(0, 0.5)
+            m.vera_lambda_b.copy_(mq.vera_lambda_b)
+        want = full.model(x)
+        assert (method.merged_model("original")(x) - want).abs().max() <= 1e-5  # merge_lora's default
