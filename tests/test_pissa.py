@@ -15,7 +15,6 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file
 
 from litft.adapters.inject import adapter_modules
-from litft.adapters.peft_format import export_peft
 from litft.adapters.pissa import PiSSALinear, pissa_decompose
 from litft.checkpoint import load_model
 from litft.cli import main, run
@@ -24,7 +23,7 @@ from litft.methods.lora import LoRA
 from litft.methods.pissa import PiSSA
 from litft.methods.run_dir import load_method
 from litft.utils import LitftError
-from tests.helpers import hf_module_of
+from tests.helpers import hf_module_of, make_checkpoint
 from tests.test_model import V, hf_load, make_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,11 +195,7 @@ def test_bad_options_fail_before_any_model_loads(ckpt, case, monkeypatch):
 
 
 def make_tied(ckpt):
-    from litft.models.config import Config
-
-    assert Config.from_checkpoint(ckpt).tie_embeddings is False
-    from tests.helpers import make_checkpoint
-
+    """The tiny checkpoint's twin whose head is its embedding."""
     return make_checkpoint(ckpt.parent / "tied", tie_embeddings=True)
 
 

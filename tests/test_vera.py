@@ -26,7 +26,7 @@ from litft.methods.lora import LoRA
 from litft.methods.run_dir import load_method
 from litft.methods.vera import VeRA
 from litft.utils import LitftError
-from tests.helpers import hf_module_of, make_checkpoint
+from tests.helpers import hf_module_of
 from tests.test_model import V, hf_load, make_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
