@@ -38,7 +38,9 @@ def test_config_parses(path, capsys):
 METHOD_OPTIONS = {"lora": ("--quantize",), "qlora": ("--quantize",), "full": (),
                   "dora": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha"),
                   "lora_plus": ("--loraplus_lr_ratio", "--quantize"),
-                  "neft": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha")}
+                  "neft": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha"),
+                  "vera": ("--projection_seed", "--d_initial", "--quantize", "--neftune_alpha"),
+                  "pissa": ("--pissa_niter", "--quantize", "--loraplus_lr_ratio", "--neftune_alpha")}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))

@@ -5,7 +5,9 @@ multi.py exchange: the hyperparameters plus the tensors under litft's names
 
     <module>.lora_A  (r, in)      <module>.lora_B  (out, r)      <module>.lora_magnitude  (out,)  DoRA only
 
-Reading one needs no base model, so exporting a QLoRA run never loads (or quantizes) its base.
+Reading one needs no base model, so exporting a QLoRA run never loads (or quantizes) its base. A PiSSA run
+(its layers also hold their start, `lora_A0` / `lora_B0`) reads as the equal rank-2r LoRA against the original
+base (`adapters/pissa.py`); a VeRA run is no LoRA adapter and is refused here (its own export: `adapters/vera.py`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 import yaml
 from torch import Tensor
 
+from litft.adapters.pissa import pissa_as_lora
 from litft.checkpoint import (METHOD_CONFIG, WEIGHTS, check_checkpoint_dir, iter_safetensors, linear_shapes,
                               read_method_config, read_tensor, safetensors_header, save_safetensors)
 from litft.models.config import Config
@@ -71,6 +74,10 @@ def read_adapter_dir(run_dir: Path | str) -> tuple[AdapterWeights, dict]:
     run_dir = Path(run_dir)
     method_config = read_method_config(run_dir)
     args = method_config["init_args"]
+    if "projection_seed" in args:  # VeRA: shared random projections and lambdas, no A / B of its own
+        raise LitftError(f"{run_dir}: a VeRA run is not a LoRA adapter (its layers share random projections and "
+                         "train only scaling vectors): use it with `litft merge_lora`, `litft generate --adapter_dir` "
+                         "or `litft export_peft` (a peft VeRA adapter)")
     if "r" not in args or "alpha" not in args:
         raise LitftError(f"{run_dir}: a {method_config['class_path']} run is not an adapter run (full "
                          "fine-tuning writes a whole model: use `litft convert_from_litft` on it)")
@@ -84,6 +91,8 @@ def read_adapter_dir(run_dir: Path | str) -> tuple[AdapterWeights, dict]:
     if not path.is_file():
         raise LitftError(f"{run_dir}: {ADAPTER_FILE} is missing (was the run interrupted before it finished?)")
     tensors = dict(iter_safetensors(path))
+    if any(k.endswith(".lora_A0") for k in tensors):  # PiSSA: the equal rank-2r LoRA against the original base
+        tensors, r, alpha = pissa_as_lora(tensors, r, alpha, use_rslora)
     check_tensors(tensors, str(path))
     adapter = AdapterWeights(r=r, alpha=float(alpha), tensors=tensors, use_rslora=use_rslora, dropout=float(dropout))
     return adapter, method_config

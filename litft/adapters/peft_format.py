@@ -38,8 +38,9 @@ from litft.adapters.adapter_dir import (FIX_BASE, AdapterWeights, base_weight_re
                                         read_adapter_dir, write_adapter_dir)
 from litft.adapters.inject import TARGET_ALIASES
 from litft.adapters.lora import lora_scaling
+from litft.adapters.vera import vera_to_peft
 from litft.checkpoint import (check_checkpoint_dir, iter_safetensors, linear_shapes, load_torch_file, read_json,
-                              run_base_dir, save_safetensors)
+                              read_method_config, run_base_dir, save_safetensors)
 from litft.models.config import Config
 from litft.models.hf import fuse_rows, hf_modules, split_rows
 from litft.utils import LitftError, atomic_write_text, write_dir_atomically
@@ -146,10 +147,13 @@ def export_peft(adapter_dir: Path, out_dir: Path, checkpoint_dir: Path | None = 
     makes of the base model.
 
     Args:
-        adapter_dir: the `final/` (or `step-N/`) directory of a LoRA-family run (lora, qlora, dora, lora_plus, neft).
+        adapter_dir: the `final/` (or `step-N/`) directory of a LoRA-family run (lora, qlora, dora, lora_plus, neft;
+            pissa as the equal rank-2r LoRA against the original base; vera as a peft VeRA adapter).
         out_dir: the PEFT adapter directory to write.
         checkpoint_dir: the litft base model; default: the one the run was trained from.
     """
+    if "projection_seed" in read_method_config(adapter_dir)["init_args"]:
+        return _export_vera(Path(adapter_dir), Path(out_dir), checkpoint_dir)
     adapter, method_config = read_adapter_dir(adapter_dir)
     base = run_base_dir(adapter_dir, method_config["init_args"], checkpoint_dir)
     config = Config.from_checkpoint(base)
@@ -168,6 +172,32 @@ def export_peft(adapter_dir: Path, out_dir: Path, checkpoint_dir: Path | None = 
     print(f"Exported {adapter_dir} ({'DoRA' if adapter.dora else 'LoRA'}, {len(tensors)} tensors) -> PEFT adapter "
           f"{out_dir}{note} (HF base: `litft convert_from_litft {base} HF_DIR`)")
     return Path(out_dir)
+
+
+def _export_vera(adapter_dir: Path, out_dir: Path, checkpoint_dir: Path | None) -> Path:
+    """A litft VeRA run as a peft VeRA adapter (`adapters/vera.py`: `vera_to_peft`)."""
+    args = read_method_config(adapter_dir)["init_args"]
+    base = run_base_dir(adapter_dir, args, checkpoint_dir)
+    config = Config.from_checkpoint(base)
+    path = adapter_dir / "adapter.safetensors"
+    if not path.is_file():
+        raise LitftError(f"{adapter_dir}: adapter.safetensors is missing (was the run interrupted before it finished?)")
+    try:
+        peft_config, tensors = vera_to_peft(dict(iter_safetensors(path)), int(args["r"]), int(args["projection_seed"]),
+                                            float(args.get("d_initial", 0.1)), float(args.get("dropout", 0.0)),
+                                            hf_modules(config, _transformers5()), linear_shapes(config), str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise LitftError(f"{adapter_dir}: cannot export this VeRA run: {e}") from None
+    peft_config["base_model_name_or_path"] = config.hf_repo or str(base.resolve())
+
+    def write(d: Path) -> None:
+        save_safetensors(tensors, d / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        atomic_write_text(d / ADAPTER_CONFIG, json.dumps(peft_config, indent=2) + "\n")
+
+    write_dir_atomically(out_dir, write, {ADAPTER_CONFIG, ADAPTER_WEIGHTS})
+    print(f"Exported {adapter_dir} (VeRA, {len(tensors)} tensors) -> PEFT adapter {out_dir} (HF base: "
+          f"`litft convert_from_litft {base} HF_DIR`)")
+    return out_dir
 
 
 # ------------------------------------------------------------------------------------ peft -> litft

@@ -6,9 +6,12 @@ from litft.methods.full import Full
 from litft.methods.lora import LoRA
 from litft.methods.lora_plus import LoRAPlus
 from litft.methods.neft import NEFT
+from litft.methods.pissa import PiSSA
 from litft.methods.qlora import QLoRA
+from litft.methods.vera import VeRA
 
 METHODS: dict[str, type[Finetune]] = {"lora": LoRA, "full": Full, "qlora": QLoRA, "dora": DoRA,
-                                      "lora_plus": LoRAPlus, "neft": NEFT}
+                                      "lora_plus": LoRAPlus, "neft": NEFT, "vera": VeRA,
+                                      "pissa": PiSSA}
 
-__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT"]
+__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT", "VeRA", "PiSSA"]
