@@ -303,10 +303,14 @@ class JSON(DataModule):
             train, val = pack_samples(train, max_seq_length), pack_samples(val, max_seq_length)
         self.train_dataset, self.val_dataset = SFTDataset(train), SFTDataset(val)
 
+    def load_records(self, path: Path) -> list[tuple[Any, int | None]]:
+        """(record, line number) pairs of one file (the HF data module reads dataset rows instead)."""
+        return load_json_records(path)
+
     def _load_and_tokenize(
         self, path: Path, tokenizer: Tokenizer, style: PromptStyle | None, max_seq_length: int | None
     ) -> list[Sample]:
-        records = load_json_records(path)
+        records = self.load_records(path)
         if not records:
             raise DataError(f"Data file {str(path)!r} contains no samples (an empty list). Add records to it.")
 
