@@ -20,7 +20,7 @@ LAYERS: list[list[str]] = [
     ["litft.adapters"],
     ["litft.methods"],
     ["litft.data"],
-    ["litft.generate"],
+    ["litft.generate", "litft.chat"],
     ["litft.train", "litft.plot", "litft.demo"],
     ["litft.cli", "litft.__main__"],
 ]

@@ -141,6 +141,15 @@ def _hand_written(tokenizer: Tokenizer, messages: list[dict[str, str]],
     return ids, spans
 
 
+def conversation_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], style: PromptStyle | None) -> torch.Tensor:
+    """The ids that ask for the next assistant turn after `messages` (the last one a user turn), framed exactly as
+    training framed the turns before a reply: the template with its generation prompt, or the hand-written style."""
+    if style is None:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids, _ = _hand_written(tokenizer, messages, style)
+    return torch.tensor(ids, dtype=torch.long)
+
+
 class Conversations(DataModule):
     """Multi-turn conversations from a JSON list or JSONL file: `messages` [{role, content}] (system, user,
     assistant, tool) or ShareGPT `conversations` [{from, value}]."""
@@ -241,4 +250,4 @@ def setup_conversations(data: DataModule, tokenizer: Tokenizer, train: list[tupl
     data.train_dataset, data.val_dataset = SFTDataset(train_samples), SFTDataset(val_samples)
 
 
-__all__ = ["Conversations", "record_messages", "tokenize_conversation", "assistant_token_spans", "setup_conversations"]
+__all__ = ["Conversations", "conversation_prompt", "record_messages", "tokenize_conversation", "assistant_token_spans", "setup_conversations"]
