@@ -175,3 +175,39 @@ def test_chat_template_style_needs_a_template(tmp_path):
     s = data.train_dataset[0]
     tok = Tokenizer(tmp_path / "base")
     assert tok.decode(s["input_ids"][s["labels"] != IGNORE]) == "five</s>"
+
+
+@pytest.mark.parametrize("case", ["template_raises", "no_assistant", "unknown_role", "missing_column", "missing_split"])
+def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path, case):
+    """`litft finetune` with each bad input: one LitftError (the line `litft: error: ...` that `litft.cli.main`
+    prints before exiting 1), and no out_dir."""
+    from litft.cli import run
+    from litft.utils import LitftError
+    from tests.helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", vocab_size=448)
+    write_chat_tokenizer(ckpt, "gemma")  # a template that refuses system turns
+    good = [{"messages": CONVERSATIONS["single"]}] * 4
+    records = {"template_raises": [{"messages": [SYSTEM] + CONVERSATIONS["single"]}] * 4,
+               "no_assistant": good + [{"messages": [{"role": "user", "content": "hi"}]}],
+               "unknown_role": good + [{"messages": [{"role": "bot", "content": "hi"}]}]}
+    data = ["--data", "Conversations", "--data.json_path", str(_write(tmp_path / "c.jsonl", records.get(case, good)))]
+    if case in ("missing_column", "missing_split"):
+        datasets = pytest.importorskip("datasets")
+        ds = datasets.Dataset.from_list([{"question": "q", "answer": "a"}] * 4)
+        datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
+        data = ["--data", "HF", "--data.path", str(tmp_path / "ds"), "--data.instruction_key", "question",
+                "--data.output_key", "answer"] + (["--data.val_split", "test"] if case == "missing_split" else [])
+        if case == "missing_column":
+            data[data.index("answer")] = "response"
+    out = tmp_path / "out"
+    with pytest.raises(LitftError) as error:
+        run(["finetune", "lora", "--checkpoint_dir", str(ckpt), *data, "--out_dir", str(out),
+             "--train.max_seq_length", "256", "--logger_name", "none"])
+    err = str(error.value)
+    assert "\n" not in err, err
+    want = {"template_raises": "System role not supported", "no_assistant": "no assistant turn",
+            "unknown_role": "unknown role 'bot'", "missing_column": "no column 'response'",
+            "missing_split": "no split 'test'"}[case]
+    assert want in err
+    assert not out.exists()
