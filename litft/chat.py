@@ -56,8 +56,9 @@ def chat(
 
 def run_session(model, tokenizer: Tokenizer, style: PromptStyle | None, stops: tuple[list[int], ...],
                 system: str | None, generator: torch.Generator, max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+                top_k: int | None, top_p: float, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """The read-reply loop: each reply is generated from the whole conversation so far."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout  # looked up per call: a caller may have replaced them
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
     print(HELP, file=stdout, flush=True)

@@ -130,3 +130,32 @@ def test_litft_chat_in_tmux(chat_ckpt, tmp_path):
         subprocess.run(tmux + ["kill-server"], capture_output=True)
     reply = screen.split(">> Model:", 1)[1].split(">> You:", 1)[0]
     assert " ".join(reply.split()) == " ".join(want.split()) and want
+
+
+def test_chat_through_an_unmerged_adapter_equals_the_merged_model(chat_ckpt, tmp_path, monkeypatch, capsys,
+                                                                   one_thread):
+    """A LoRA run on conversations in the checkpoint's template: evaluation stops at the template's end of turn, and
+    `litft chat --adapter_dir` answers as `litft generate` does on the merged checkpoint."""
+    import json
+
+    from litft.chat import chat
+    from litft.data import Conversations
+    from litft.methods.lora import LoRA
+    from litft.methods.run_dir import merge_lora
+    from litft.train import EvalArgs, TrainArgs, finetune, stop_ids
+
+    tok = Tokenizer(chat_ckpt)
+    assert tok.token_to_id("<|end|>") in stop_ids(tok)  # eval generations end at the turn, not only at eos
+    convs = [{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "five"}]}] * 8
+    (tmp_path / "c.json").write_text(json.dumps(convs))
+    finetune(LoRA(checkpoint_dir=chat_ckpt, lr=3e-2), Conversations(tmp_path / "c.json", val_split_fraction=0.25),
+             tmp_path / "run", TrainArgs(global_batch_size=4, micro_batch_size=4, max_steps=8, max_seq_length=256),
+             EvalArgs(interval=0, initial_validation=False, max_new_tokens=4), logger_name="none")
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n/exit\n"))
+    chat(chat_ckpt, adapter_dir=tmp_path / "run" / "final", max_new_tokens=20)
+    reply = capsys.readouterr().out.split(">> Model: ", 1)[1].split("\n")[0]
+    merged = merge_lora(tmp_path / "run" / "final")
+    want = generate_main(merged, prompt="hello there", max_new_tokens=20, temperature=0)
+    assert reply.strip() == want.strip()
+    assert want != generate_main(chat_ckpt, prompt="hello there", max_new_tokens=20, temperature=0)  # it learnt
