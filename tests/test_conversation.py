@@ -211,3 +211,17 @@ def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path, case
             "missing_split": "no split 'test'"}[case]
     assert want in err
     assert not out.exists()
+
+
+def test_prefix_unstable_template_needs_train_on_all(tmp_path):
+    """A template that renders earlier turns differently once more follow (here: it numbers turns from the end)
+    cannot give assistant spans by rendering: one DataError pointing at train_on_all, which then works."""
+    d = write_chat_tokenizer(tmp_path / "t", "smollm2")
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ (messages | length - loop.index) ~ m['role'] ~ ': ' ~ m['content'] ~ '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '0assistant: ' }}{% endif %}")
+    tok = Tokenizer(d)
+    with pytest.raises(DataError, match="train_on_all"):
+        tokenize_conversation(tok, THREE_TURNS, None)
+    s = tokenize_conversation(tok, THREE_TURNS, None, train_on_all=True)
+    assert s["input_ids"].tolist() == tok.apply_chat_template(THREE_TURNS).tolist()

@@ -103,7 +103,9 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]], 
                           last_turn_only: bool = False) -> Sample:
     """input_ids + labels of one conversation: labels on the assistant turns only (unless train_on_all), or only on
     the last one (last_turn_only: the held-out reply exact match scores). `style` None: the checkpoint's template."""
-    if style is None:
+    if style is None and train_on_all and not last_turn_only:  # no spans needed: any template works
+        ids, token_spans = tokenizer.apply_chat_template(messages).tolist(), []
+    elif style is None:
         ids, token_spans = assistant_token_spans(tokenizer, messages)
     else:
         ids, token_spans = _hand_written(tokenizer, messages, style)
