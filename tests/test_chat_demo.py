@@ -1,4 +1,4 @@
-"""The conversational demo (config_hub/finetune/demo/chat.yaml): the demo task as 2-3-turn conversations in the
+"""The conversational demo (config_hub/finetune/chat-demo/lora.yaml): the demo task as 2-3-turn conversations in the
 ChatML style on the demo base. Its data files are generated here from the demo's own train/test split (so the
 held-out words stay held out), and the test checks the committed files are exactly that."""
 from __future__ import annotations
