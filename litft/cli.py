@@ -58,6 +58,7 @@ def _finetune_methods() -> dict[str, Any]:
 
 def commands() -> dict[str, Any]:
     from litft.adapters.peft_format import export_peft, import_peft
+    from litft.chat import chat
     from litft.convert import convert_from_litft, convert_to_litft, download
     from litft.generate import main as generate
     from litft.methods.run_dir import merge_lora
@@ -69,6 +70,7 @@ def commands() -> dict[str, Any]:
         "export_peft": export_peft,
         "import_peft": import_peft,
         "generate": generate,
+        "chat": chat,
         "plot": plot,
         "convert_to_litft": convert_to_litft,
         "convert_from_litft": convert_from_litft,

@@ -119,7 +119,7 @@ def convert_from_litft(checkpoint_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors"]
+HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "chat_template.jinja"]  # the template stays with the model
 
 
 def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_token: str | None = None,

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from litft.checkpoint import load_model
-from litft.data.prompts import PromptStyle
+from litft.data.prompts import PromptStyle, _encoded_stops
 from litft.methods.run_dir import load_method
 from litft.models.gpt import GPT
 from litft.tokenizer import Tokenizer
@@ -50,10 +50,11 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
+    on_token: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Prompt (T,) -> prompt + up to max_new_tokens new tokens; stops after an eos id or once the new tokens end
     with one of `stop_sequences` (a prompt style's end-of-turn marker, `PromptStyle.stop_tokens`), kept in the
-    output as the eos id is."""
+    output as the eos id is. `on_token` sees each new token id as it is chosen (streaming)."""
     if prompt.ndim != 1 or prompt.numel() == 0:
         raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
     total = prompt.numel() + max_new_tokens
@@ -73,6 +74,8 @@ def generate(
             nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
+            if on_token is not None:
+                on_token(int(nxt))
             if int(nxt) in eos_ids or _ends_with_stop(tokens[0, prompt.numel():].tolist(), stop_sequences):
                 break
     finally:
@@ -80,6 +83,32 @@ def generate(
             model.clear_kv_cache()
         model.train(was_training)
     return tokens[0]
+
+
+def chat_prompt(tokenizer: Tokenizer, prompt: str, prompt_style: str | None = None,
+                system: str | None = None) -> tuple[str, torch.Tensor, tuple[list[int], ...]]:
+    """(prompt text, prompt ids, stop sequences) for one user message. prompt_style None or "auto": the checkpoint's chat template
+    when it ships one (stops: eos ids and the template's end-of-turn token), else the text as it is; "chat_template":
+    the template, required; a style name: that hand-written style (stops: eos and its end-of-turn marker)."""
+    key = (prompt_style or "auto").lower()
+    if key in ("auto", "chat_template") and (tokenizer.chat_template is not None or key == "chat_template"):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.render_chat(messages, add_generation_prompt=True)
+        return text, tokenizer.encode(text, bos=False), chat_stops(tokenizer)
+    if key == "auto":
+        return prompt, tokenizer.encode(prompt), _encoded_stops(tokenizer)
+    style = PromptStyle.from_name(prompt_style)
+    text = style.apply(prompt, system=system) if system else style.apply(prompt)
+    return text, tokenizer.encode(text), style.stop_tokens(tokenizer)
+
+
+def chat_stops(tokenizer: Tokenizer) -> tuple[list[int], ...]:
+    """Stop sequences for the checkpoint's chat template: every eos id, then its end-of-turn token."""
+    stops = list(_encoded_stops(tokenizer))
+    eot = tokenizer.end_of_turn_ids()
+    if eot and eot not in stops:
+        stops.append(eot)
+    return tuple(stops)
 
 
 def _ends_with_stop(new_tokens: list[int], stop_sequences: Sequence[Sequence[int]]) -> bool:
@@ -99,6 +128,21 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise LitftError(f"top_k must be >= 1 (or null: all tokens), got {top_k}")
     if not 0 < top_p <= 1:
         raise LitftError(f"top_p must be in (0, 1] (1: off), got {top_p}")
+
+
+def load_for_generation(checkpoint_dir: Path, adapter_dir: Path | None, precision: str) -> tuple[GPT, str]:
+    """(model, device): a checkpoint, or a base checkpoint with a trained (unmerged) adapter on it."""
+    if precision not in PRECISIONS:
+        raise LitftError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if adapter_dir is None:
+        return load_model(checkpoint_dir, device=device, dtype=dtype), device
+    method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
+    model = method.model
+    if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
+        model.to(device=device, dtype=dtype)  # activations' dtype; casting would touch its packed weights
+    return model, device
 
 
 def main(
@@ -124,29 +168,16 @@ def main(
         top_k: sample only among the k most likely tokens (None: all).
         top_p: nucleus sampling: sample among the smallest set of tokens holding this much probability.
         seed: random seed for sampling.
-        prompt_style: wrap the prompt in a template first (e.g. alpaca, chatml, llama3); default none.
+        prompt_style: how the prompt is framed: default (auto) the checkpoint's chat template when it ships one
+            (stopping at its end-of-turn token), else the text as it is; or a style (alpaca, chatml, llama3, plain...).
         precision: 32-true, bf16-true or 16-true.
         adapter_dir: the `final/` directory of an adapter run (LoRA, DoRA, QLoRA, ..., or `litft import_peft`'s
             output): generate with its adapter on checkpoint_dir, unmerged (a QLoRA run keeps its quantized base).
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    if precision not in PRECISIONS:
-        raise LitftError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if adapter_dir is None:
-        model = load_model(checkpoint_dir, device=device, dtype=dtype)
-    else:
-        method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
-        model = method.model
-        if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
-            model.to(device=device, dtype=dtype)  # activations' dtype; casting would touch its packed weights
+    model, device = load_for_generation(checkpoint_dir, adapter_dir, precision)
     tokenizer = Tokenizer(checkpoint_dir)
-    stops: tuple[list[int], ...] = ()
-    if prompt_style:
-        style = PromptStyle.from_name(prompt_style)
-        prompt, stops = style.apply(prompt), style.stop_tokens(tokenizer)
-    ids = tokenizer.encode(prompt)
+    prompt, ids, stops = chat_prompt(tokenizer, prompt, prompt_style)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_ids, generator=gen,

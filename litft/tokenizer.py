@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from litft.chat_template import CHAT_TEMPLATE_FILE, read_chat_template, render_chat
 from litft.utils import LitftError
 
 
@@ -39,6 +40,7 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "special_tokens_map.json",
     "generation_config.json",
     "added_tokens.json",
+    CHAT_TEMPLATE_FILE,  # the chat template travels with the tokenizer (conversion, merge, download)
 )
 
 # The named special tokens transformers knows about (its SPECIAL_TOKENS_ATTRIBUTES).
@@ -107,6 +109,11 @@ class Tokenizer:
 
         self.use_bos: bool = self.bos_id is not None and impl.default_add_bos(config, self.bos_id)
         self.vocab_size: int = impl.vocab_size()
+        # the checkpoint's own chat template (None for a base model) and the named special tokens it sees
+        self.chat_template: str | None = read_chat_template(self.checkpoint_dir)
+        self.special_tokens: dict[str, str] = {
+            k: c for k in _SPECIAL_KEYS if (c := _token_content(impl.config.get(k))) is not None
+        }
 
     def _special_tokens_config(self) -> dict[str, Any]:
         """tokenizer_config.json merged with special_tokens_map.json the way transformers v5 does: the map is a legacy
@@ -140,6 +147,32 @@ class Tokenizer:
         if max_length > 0:
             ids = ids[:max_length]
         return torch.tensor(ids, dtype=torch.long)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """The checkpoint's chat template applied to `messages` ({"role", "content"} dicts), as text."""
+        if self.chat_template is None:
+            raise TokenizerError(
+                f"the tokenizer in {str(self.checkpoint_dir)!r} has no chat template (no {CHAT_TEMPLATE_FILE} and no"
+                " chat_template in tokenizer_config.json): pick a prompt style instead (e.g. --prompt_style chatml)"
+            )
+        return render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> torch.Tensor:
+        """Token ids of the rendered conversation: transformers' `apply_chat_template(tokenize=True)` (the template
+        writes its own bos, so none is added here)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), bos=False)
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The special token(s) the chat template closes an assistant turn with (e.g. <|im_end|>, <|eot_id|>,
+        <end_of_turn>): found by rendering a turn, not by family. Empty without a template."""
+        if self.chat_template is None:
+            return []
+        marker = "litft-end-of-turn-probe"
+        text = self.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}])
+        tail = text[text.rfind(marker) + len(marker):].strip() if marker in text else ""
+        ids = self.encode(tail, bos=False).tolist() if tail else []
+        # the first token after the content, if it is a special token (decodes to nothing when specials are skipped)
+        return ids[:1] if ids and self.decode(ids[:1], skip_special_tokens=True) == "" else []
 
     def decode(self, ids: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str:
         if isinstance(ids, torch.Tensor):

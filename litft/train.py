@@ -492,7 +492,7 @@ def validate(fabric: L.Fabric, method: Finetune, val_loader: DataLoader, tokeniz
     val_loss = (fabric.all_reduce(loss_sum, reduce_op="sum") / fabric.all_reduce(n, reduce_op="sum").clamp(min=1)).item()
     sample = data.val_dataset[0]
     prompt, _ = split_prompt(sample)
-    out = generate(method.model, prompt.to(fabric.device), eval.max_new_tokens, eos_ids=tokenizer.eos_ids)
+    out = generate(method.model, prompt.to(fabric.device), eval.max_new_tokens, eos_ids=stop_ids(tokenizer))
     text = tokenizer.decode(out[prompt.numel():], skip_special_tokens=True)
     method.train()
     # printed with its special tokens: a chat prompt without its role markers would misread as plain text
@@ -502,6 +502,12 @@ def validate(fabric: L.Fabric, method: Finetune, val_loader: DataLoader, tokeniz
     if fabric.global_rank == 0 and fabric.loggers and hasattr(fabric.logger, "experiment"):
         fabric.logger.experiment.add_text("val/sample", text, step)
     return val_loss
+
+
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """Where evaluation's generations end: eos, and the chat template's end-of-turn token (Gemma's <end_of_turn>,
+    Phi-3's <|end|>: not eos, yet the end of every reply the model was trained on)."""
+    return set(tokenizer.eos_ids) | set(tokenizer.end_of_turn_ids())
 
 
 def split_prompt(sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,7 +530,7 @@ def exact_match(method: Finetune, tokenizer: Tokenizer, data: DataModule, eval: 
         prompt, reference = split_prompt(data.val_dataset[i])
         if prompt.numel() == 0:
             raise LitftError("exact match needs prompt-masked samples (data.mask_prompt true)")
-        out = generate(method.model, prompt.to(device), eval.max_new_tokens, eos_ids=tokenizer.eos_ids)
+        out = generate(method.model, prompt.to(device), eval.max_new_tokens, eos_ids=stop_ids(tokenizer))
         got = tokenizer.decode(out[prompt.numel():], skip_special_tokens=True).strip()
         want = tokenizer.decode(reference, skip_special_tokens=True).strip()
         hits += got == want

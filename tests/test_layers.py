@@ -15,12 +15,12 @@ LITFT = Path(__file__).resolve().parents[1] / "litft"
 LAYERS: list[list[str]] = [
     ["litft.utils", "litft"],  # "litft": the package's own __init__ (the longest prefix wins for the rest)
     ["litft.native", "litft.cpu_kernels"],
-    ["litft.models", "litft.tokenizer"],
+    ["litft.models", "litft.tokenizer", "litft.chat_template"],
     ["litft.checkpoint", "litft.convert"],
     ["litft.adapters"],
     ["litft.methods"],
     ["litft.data"],
-    ["litft.generate"],
+    ["litft.generate", "litft.chat"],
     ["litft.train", "litft.plot", "litft.demo"],
     ["litft.cli", "litft.__main__"],
 ]

@@ -163,16 +163,17 @@ def capture(fn, *args) -> str:
 
 
 _OPTIONS: dict[tuple[str, ...], set[str]] = {}
-SUBCLASS_EXAMPLE = {"--data": "JSON"}  # a subclass-typed option documents its keys per class: --data.help JSON
+SUBCLASS_EXAMPLE = {"--data": ("JSON", "Conversations", "HF")}  # a subclass-typed option documents its keys per class: --data.help JSON
 
 
 def options(path: tuple[str, ...]) -> set[str]:
     """Every option `litft <path> --help` documents, spelt out (argparse would also take an abbreviation)."""
     if path not in _OPTIONS:
         names = set(re.findall(r"--[\w.]+", capture(run, [*path, "--help"])))
-        for option, example in SUBCLASS_EXAMPLE.items():
+        for option, examples in SUBCLASS_EXAMPLE.items():
             if f"{option}.help" in names:
-                names |= set(re.findall(r"--[\w.]+", capture(run, [*path, f"{option}.help", example])))
+                for example in examples:
+                    names |= set(re.findall(r"--[\w.]+", capture(run, [*path, f"{option}.help", example])))
         _OPTIONS[path] = names
     return _OPTIONS[path]
 

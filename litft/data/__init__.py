@@ -2,7 +2,9 @@
 
 from litft.data.base import DataError, DataFileNotFoundError, DataModule, SFTDataset, collate
 from litft.data.json_data import JSON, Alpaca, load_json_records, pack_samples, tokenize_example, train_test_split
-from litft.data.prompts import PromptStyle, prompt_styles
+from litft.data.conversation import Conversations
+from litft.data.hf_dataset import HF
+from litft.data.prompts import PromptStyle, prompt_styles, resolve_prompt_style
 
 __all__ = [
     "DataModule",
@@ -12,6 +14,9 @@ __all__ = [
     "collate",
     "JSON",
     "Alpaca",
+    "Conversations",
+    "HF",
+    "resolve_prompt_style",
     "load_json_records",
     "pack_samples",
     "tokenize_example",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from litft.data.base import DataError, DataFileNotFoundError, DataModule, Sample, SFTDataset
-from litft.data.prompts import PromptStyle
+from litft.data.prompts import PromptStyle, join_input, resolve_prompt_style
 
 if TYPE_CHECKING:
     from litft.tokenizer import Tokenizer
@@ -138,6 +138,25 @@ def tokenize_example(
     return {"input_ids": input_ids, "labels": labels}, full_length, len(prompt_ids), kept_response
 
 
+def _templated_example(tokenizer: Tokenizer, user: str, reply: str, max_seq_length: int | None, mask_prompt: bool,
+                       ignore_index: int) -> tuple[Sample, int, int, int]:
+    """tokenize_example's result for a (user, reply) pair rendered by the checkpoint's chat template: the reply's
+    span (its end-of-turn token included) is found by rendering, as for conversations."""
+    from litft.data.conversation import tokenize_conversation  # same layer; conversation.py builds on this file
+
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    sample = tokenize_conversation(tokenizer, messages, None, train_on_all=False, ignore_index=ignore_index)
+    targets = (sample["labels"] != ignore_index).nonzero()
+    prompt_len = int(targets[0]) if len(targets) else len(sample["labels"])
+    if not mask_prompt:
+        sample["labels"] = sample["input_ids"].clone()
+        sample["labels"][:1] = ignore_index
+    full_length = len(sample["input_ids"])
+    if max_seq_length is not None and full_length > max_seq_length:
+        sample = {k: v[:max_seq_length] for k, v in sample.items()}
+    return sample, full_length, prompt_len, max(0, len(sample["input_ids"]) - prompt_len)
+
+
 def train_test_split(items: Sequence[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Deterministic random split: the same (items, val_fraction, seed) always gives the same split.
     Validation gets round(n * val_fraction) items, clamped so both splits are non-empty.
@@ -210,7 +229,7 @@ class JSON(DataModule):
         json_path: Path,
         val_json_path: Path | None = None,
         val_split_fraction: float = 0.05,
-        prompt_style: str = "alpaca",
+        prompt_style: str = "auto",
         mask_prompt: bool = True,
         ignore_index: int = -100,
         packing: bool = False,
@@ -226,7 +245,8 @@ class JSON(DataModule):
             val_json_path: Optional separate validation file. If unset, validation data is a
                 seeded random `val_split_fraction` of json_path.
             val_split_fraction: Fraction of json_path held out for validation (when no val_json_path).
-            prompt_style: Template that wraps instruction/input; one of litft.data.prompts.prompt_styles.
+            prompt_style: Template that wraps instruction/input: "auto" (the checkpoint's chat template when it
+                ships one, else alpaca), "chat_template", or one of litft.data.prompts.prompt_styles.
             mask_prompt: Compute the loss on response tokens only (prompt labels set to ignore_index).
             ignore_index: Label value that the loss ignores.
             packing: Pack several samples into each max_seq_length sequence (attention and positions
@@ -244,7 +264,7 @@ class JSON(DataModule):
                 "Use e.g. --data.val_split_fraction 0.05, or give a separate --data.val_json_path."
             )
         self.val_split_fraction = val_split_fraction
-        PromptStyle.from_name(prompt_style)  # fail at CLI-parse time, not after loading a model
+        resolve_prompt_style(prompt_style, None)  # fail at CLI-parse time, not after loading a model
         self.prompt_style = prompt_style
         self.mask_prompt = mask_prompt
         self.ignore_index = ignore_index
@@ -264,7 +284,7 @@ class JSON(DataModule):
         if self.packing and max_seq_length is None:
             raise DataError("packing=True needs a positive max_seq_length to pack into.")
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        style = PromptStyle.from_name(self.prompt_style)
+        style = resolve_prompt_style(self.prompt_style, tokenizer)  # None: the checkpoint's chat template
 
         self.num_truncated = 0
         train = self._load_and_tokenize(self.json_path, tokenizer, style, max_seq_length)
@@ -283,10 +303,14 @@ class JSON(DataModule):
             train, val = pack_samples(train, max_seq_length), pack_samples(val, max_seq_length)
         self.train_dataset, self.val_dataset = SFTDataset(train), SFTDataset(val)
 
+    def load_records(self, path: Path) -> list[tuple[Any, int | None]]:
+        """(record, line number) pairs of one file (the HF data module reads dataset rows instead)."""
+        return load_json_records(path)
+
     def _load_and_tokenize(
-        self, path: Path, tokenizer: Tokenizer, style: PromptStyle, max_seq_length: int | None
+        self, path: Path, tokenizer: Tokenizer, style: PromptStyle | None, max_seq_length: int | None
     ) -> list[Sample]:
-        records = load_json_records(path)
+        records = self.load_records(path)
         if not records:
             raise DataError(f"Data file {str(path)!r} contains no samples (an empty list). Add records to it.")
 
@@ -303,15 +327,20 @@ class JSON(DataModule):
             instruction = _field(record, self.instruction_key, "instruction_key", path, where, required=True)
             input_ = _field(record, self.input_key, "input_key", path, where, required=False)
             output = _field(record, self.output_key, "output_key", path, where, required=True)
-            sample, full_len, prompt_len, kept = tokenize_example(
-                tokenizer,
-                style.apply(instruction, input_),
-                output,
-                max_seq_length,
-                mask_prompt=self.mask_prompt,
-                ignore_index=self.ignore_index,
-                add_eos=self.add_eos,
-            )
+            if style is None:  # the checkpoint's chat template: a user turn and the assistant's reply
+                sample, full_len, prompt_len, kept = _templated_example(
+                    tokenizer, join_input(instruction, input_), output, max_seq_length, self.mask_prompt,
+                    self.ignore_index)
+            else:
+                sample, full_len, prompt_len, kept = tokenize_example(
+                    tokenizer,
+                    style.apply(instruction, input_),
+                    output,
+                    max_seq_length,
+                    mask_prompt=self.mask_prompt,
+                    ignore_index=self.ignore_index,
+                    add_eos=self.add_eos,
+                )
             if kept == 0:
                 no_target.append((where, full_len, prompt_len, output))
             truncated += full_len > len(sample["input_ids"])
@@ -348,13 +377,15 @@ class Alpaca(JSON):
     template. litft does not download it; fetch e.g. `alpaca_data_cleaned.json` yourself and
     point --data.json_path at it. All other options are JSON's."""
 
-    def __init__(self, json_path: Path = Path("data/alpaca/alpaca_data_cleaned.json"), **kwargs: Any) -> None:
+    def __init__(self, json_path: Path = Path("data/alpaca/alpaca_data_cleaned.json"), prompt_style: str = "alpaca",
+                 **kwargs: Any) -> None:
         """The Alpaca set from a local file (all JSON options apply).
 
         Args:
             json_path: Path to the Alpaca JSON file.
+            prompt_style: the set's own Alpaca template by default; "auto" or "chat_template" for the checkpoint's.
         """
-        super().__init__(json_path=json_path, **kwargs)
+        super().__init__(json_path=json_path, prompt_style=prompt_style, **kwargs)
 
 
 __all__ = ["JSON", "Alpaca", "load_json_records", "tokenize_example", "train_test_split", "pack_samples"]

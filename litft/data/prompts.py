@@ -45,7 +45,7 @@ class PromptStyle:
         key = name.lower()
         if key not in prompt_styles:
             raise DataError(
-                f"Unknown prompt style {name!r}. Valid names: {', '.join(sorted(prompt_styles))}. "
+                f"Unknown prompt style {name!r}. Valid names: auto, chat_template, {', '.join(sorted(prompt_styles))}. "
                 "(Register a custom style by adding it to `litft.data.prompts.prompt_styles`.)"
             )
         return prompt_styles[key]()
@@ -162,6 +162,27 @@ class Mistral(PromptStyle):
         if system:
             user = f"{system}\n\n{user}"
         return f"[INST] {user} [/INST]"
+
+
+def resolve_prompt_style(name: str, tokenizer: Tokenizer | None) -> PromptStyle | None:
+    """The style a data module or generation uses; None means the checkpoint's own chat template.
+
+    "auto": the template when the checkpoint ships one, else Alpaca; "chat_template": the template, which must exist;
+    anything else: a hand-written style by name. With tokenizer None only the name is checked (at CLI-parse time)."""
+    key = name.lower()
+    if key not in ("auto", "chat_template"):
+        return PromptStyle.from_name(name)
+    if tokenizer is None:
+        return None
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return None
+    if key == "chat_template":
+        raise DataError(
+            f"prompt_style 'chat_template': the checkpoint {str(tokenizer.checkpoint_dir)!r} ships no chat template "
+            "(no chat_template.jinja, no chat_template in tokenizer_config.json); pick a style, e.g. --data.prompt_style"
+            " chatml"
+        )
+    return Alpaca()
 
 
 prompt_styles: dict[str, type[PromptStyle]] = {
