@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from litft.cli import run
-from litft.plot import COLORS, nice_ticks, read_scalars
+from litft.plot import COLORS, read_scalars
 from litft.utils import LitftError
 
 
@@ -54,8 +54,3 @@ def test_plot_errors_are_clear(tmp_path):
         run(["plot", str(tmp_path / "runs" / "a"), "--tag", "val/acc"])
     with pytest.raises(LitftError, match="several runs"):
         run(["plot", str(tmp_path / "runs")])
-
-
-def test_nice_ticks():
-    assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
-    assert nice_ticks(1.23, 1.91) == pytest.approx([1.4, 1.6, 1.8])
