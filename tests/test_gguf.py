@@ -311,3 +311,39 @@ def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
         run(["convert_from_litft", str(d), str(tmp_path / "m.gguf"), "--format", "gguf"])
     with pytest.raises(LitftError, match=r'pip install "litft\[gguf\]"'):
         run(["merge_lora", str(tmp_path / "nope"), "--format", "gguf"])
+
+
+def test_llama3_rope_factors_and_linear_scaling(tmp_path):
+    """Llama 3.1 RoPE: llama.cpp divides each frequency by the `rope_freqs` tensor; those divisors must be
+    transformers' default over llama3 inverse frequencies. Linear scaling travels as metadata and comes back."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from litft.gguf import llama3_rope_factors
+
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+    config = Config(n_embd=256, n_head=2, rope_theta=500000.0, rope_scaling=scaling)
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters={"rope_theta": 500000.0, **scaling})
+    hf_default = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters={"rope_theta": 500000.0,
+                                                                                      "rope_type": "default"})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf)
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    factors = llama3_rope_factors(config)
+    assert len(factors) == 64 and factors.min() == 1.0 and factors.max() == 8.0  # all three regimes appear
+    assert torch.allclose(factors.double(), plain / scaled.double(), rtol=1e-5)
+    d = perturbed_checkpoint(tmp_path / "l3", family="llama", n_kv_head=2, rope_scaling=scaling)
+    out = run(["convert_from_litft", str(d), str(tmp_path / "l3.gguf"), "--format", "gguf", "--gguf_type", "f32"])
+    reader = gguf.GGUFReader(out)
+    stored = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    assert np.allclose(stored.data, llama3_rope_factors(Config.from_checkpoint(d)).numpy())
+    with pytest.raises(LitftError, match="rope_freqs"):  # refused on import rather than read wrong
+        run(["convert_to_litft", str(out)])
+    # linear: metadata there and back
+    d = perturbed_checkpoint(tmp_path / "lin", family="llama", n_kv_head=2,
+                             rope_scaling={"rope_type": "linear", "factor": 4.0})
+    out = run(["convert_from_litft", str(d), str(tmp_path / "lin.gguf"), "--format", "gguf", "--gguf_type", "f32"])
+    back = run(["convert_to_litft", str(out), "--out_dir", str(tmp_path / "lin-back")])
+    assert Config.from_checkpoint(back).rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    x = torch.randint(0, 320, (1, 40))
+    assert (logits(load_model(d), x) - logits(load_model(back), x)).abs().max().item() <= 1e-5
