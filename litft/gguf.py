@@ -348,8 +348,9 @@ def config_from_gguf(reader: Any, path: Path) -> Config:
         raise LitftError(f"{path}: {e}") from None
 
 
-def gguf_state_dict(reader: Any, config: Config, path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to float32, renamed to litft's names (q/k rows un-permuted for `llama`)."""
+def gguf_state_dict(reader: Any, config: Config, path: Path, dtype: torch.dtype | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to float32 (cast to `dtype` one at a time, so float32 is never held whole), renamed to litft's names (q/k rows un-permuted for `llama`)."""
     gguf = require_gguf()
     arch = FAMILY_ARCH[config.family]
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -381,7 +382,7 @@ def gguf_state_dict(reader: Any, config: Config, path: Path) -> dict[str, torch.
             if x.shape[0] % (2 * heads):
                 raise LitftError(f"{path}: tensor {t.name} has {x.shape[0]} rows, not a multiple of 2 x {heads} heads")
             x = unpermute_rope_rows(x, heads)
-        hf_tensors.append((f"{hf_module}.{suffix}", x.contiguous()))
+        hf_tensors.append((f"{hf_module}.{suffix}", x.to(dtype) if dtype is not None else x.contiguous()))
     state = dict(hf_to_litft(config, hf_tensors))
     validate_state_dict(config, {k: v.shape for k, v in state.items()}, path)
     return state
@@ -492,9 +493,7 @@ def import_gguf(gguf_file: Path | str, out_dir: Path | str | None = None, dtype:
     reader = read_gguf(path)
     config = config_from_gguf(reader, path)
     files = tokenizer_files(reader, path)
-    state = gguf_state_dict(reader, config, path)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    state = gguf_state_dict(reader, config, path, dtype)
     out = Path(out_dir) if out_dir is not None else path.with_suffix("")
     if out.exists() and not out.is_dir():
         raise LitftError(f"out_dir {out} is a file, not a directory: pass another --out_dir")

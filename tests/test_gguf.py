@@ -130,6 +130,8 @@ def test_round_trip_litft_gguf_litft(tmp_path):
         assert theirs.encode(text).tolist() == ours.encode(text).tolist(), text
     assert (theirs.bos_id, theirs.eos_id, theirs.pad_id, theirs.use_bos) == (ours.bos_id, ours.eos_id, ours.pad_id,
                                                                            ours.use_bos)
+    bf16 = run(["convert_to_litft", str(out), "--out_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    assert {t.dtype for _, t in iter_safetensors(bf16 / "model.safetensors")} == {torch.bfloat16}
 
 
 def test_merge_lora_to_gguf_in_one_step(tmp_path):
