@@ -54,3 +54,15 @@ def test_plot_errors_are_clear(tmp_path):
         run(["plot", str(tmp_path / "runs" / "a"), "--tag", "val/acc"])
     with pytest.raises(LitftError, match="several runs"):
         run(["plot", str(tmp_path / "runs")])
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from litft.plot import plot
+
+    write_run(tmp_path / "a", 0, {0: 1.0})
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what importing it does when it is not installed
+    with pytest.raises(LitftError, match=r'pip install "litft\[plot\]"'):
+        plot([tmp_path / "a"], out=tmp_path / "v.png")
+    assert not (tmp_path / "v.png").exists()
