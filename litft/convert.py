@@ -61,17 +61,25 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def convert_to_litft(hf_dir: Path, out_dir: Path | None = None, dtype: str | None = None) -> Path:
-    """Convert a Hugging Face checkpoint directory into a litft checkpoint.
+    """Convert a Hugging Face checkpoint directory, or a GGUF file, into a litft checkpoint.
 
     Args:
-        hf_dir: directory with config.json and HF weights (safetensors, sharded or not, or .bin).
+        hf_dir: directory with config.json and HF weights (safetensors, sharded or not, or .bin); or a
+            `.gguf` file (llama / qwen2 architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K
+            tensors, dequantized) with its tokenizer.
         out_dir: where to write the litft checkpoint; default: in place, into hf_dir (an HF
-            `model.safetensors` there is replaced by the litft one, after the conversion succeeded).
-        dtype: cast the weights (float32, float16, bfloat16); default: keep the checkpoint's.
+            `model.safetensors` there is replaced by the litft one, after the conversion succeeded); for a
+            GGUF file, the file's path without `.gguf`.
+        dtype: cast the weights (float32, float16, bfloat16); default: keep the checkpoint's (GGUF: float32).
     """
     hf_dir = Path(hf_dir)
     if dtype is not None and dtype not in DTYPES:
         raise LitftError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if hf_dir.suffix == ".gguf":
+        from litft.gguf import import_gguf
+
+        check_out_dir(out_dir)
+        return import_gguf(hf_dir, out_dir, dtype=DTYPES[dtype] if dtype else None)
     if not hf_dir.is_dir():
         raise LitftError(f"{hf_dir}: directory not found")
     check_out_dir(out_dir)
@@ -90,14 +98,24 @@ def convert_to_litft(hf_dir: Path, out_dir: Path | None = None, dtype: str | Non
     return out
 
 
-def convert_from_litft(checkpoint_dir: Path, out_dir: Path) -> Path:
+def convert_from_litft(checkpoint_dir: Path, out_dir: Path, format: str = "hf", gguf_type: str = "f16") -> Path:
     """Convert a litft checkpoint into a Hugging Face one (config.json + model.safetensors +
-    tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads.
+    tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads, or into
+    one GGUF file for llama.cpp / Ollama (Llama-family models: Llama 2/3, Mistral, Qwen2, SmolLM2, TinyLlama).
 
     Args:
         checkpoint_dir: a litft checkpoint (model.safetensors + model_config.yaml).
-        out_dir: the HF directory to write.
+        out_dir: the HF directory to write; with --format gguf, the .gguf file (a path not ending in .gguf is
+            a directory that gets `<checkpoint name>-<gguf_type>.gguf`).
+        format: hf (a transformers checkpoint directory) or gguf (one file, needs `pip install "litft[gguf]"`).
+        gguf_type: the GGUF weight type: f32, f16, bf16 or q8_0 (norms stay f32).
     """
+    if format not in ("hf", "gguf"):
+        raise LitftError(f"unknown format {format!r}: use hf or gguf")
+    if format == "gguf":
+        from litft.gguf import export_gguf
+
+        return export_gguf(checkpoint_dir, out_dir, gguf_type)
     d = check_checkpoint_dir(checkpoint_dir)
     out_dir = check_out_dir(out_dir)
     config = Config.from_checkpoint(d)

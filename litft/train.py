@@ -135,7 +135,9 @@ def finetune(
             damaged), or a step-N directory.
         overwrite: replace the earlier run in out_dir (its step-N/, final/ and config.yaml are deleted first; logs/
             stays); without it, or resume, an out_dir that already holds a run is refused.
-        logger_name: tensorboard (logs under out_dir/logs) or none.
+        logger_name: where metrics go, one or several joined by commas: tensorboard (out_dir/logs/tensorboard),
+            csv (out_dir/logs/csv/version_N/metrics.csv), wandb (Weights & Biases, run dir under out_dir/logs/wandb;
+            offline with WANDB_MODE=offline, `wandb sync` later; needs `pip install "litft[wandb]"`), or none.
     """
     # The resolved run config, in the layout `litft finetune <method> --config` reads back.
     run_config = {**method.method_config()["init_args"], **{k: to_yaml_value(v) for k, v in dict(
@@ -156,11 +158,7 @@ def finetune(
     out_dir = Path(out_dir)
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":  # DDP children: rank 0 did it
         prepare_out_dir(out_dir, resume, overwrite)
-    loggers = []
-    if logger_name == "tensorboard":
-        from lightning.fabric.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(root_dir=out_dir / "logs", name="tensorboard"))
+    loggers = make_loggers(logger_name, out_dir)
     try:
         fabric = L.Fabric(devices=devices, strategy=strategy, precision=precision, loggers=loggers,
                           accelerator="cuda" if torch.cuda.is_available() else "cpu")
@@ -168,6 +166,35 @@ def finetune(
         raise LitftError(f"cannot run with --devices {devices} --strategy {strategy} --precision {precision} here: "
                          f"{' '.join(str(e).split())}") from None
     return fabric.launch(fit, method, data, out_dir, train, eval, seed, resume, run_config)
+
+
+LOGGERS = ("tensorboard", "csv", "wandb")
+
+
+def logger_names(logger_name: str) -> list[str]:
+    """"tensorboard,csv" -> ["tensorboard", "csv"]; "none" -> []."""
+    names = [n.strip() for n in str(logger_name).split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def make_loggers(logger_name: str, out_dir: Path) -> list[Any]:
+    """Lightning's own logger classes, all writing under out_dir/logs (`litft plot` reads tensorboard and csv)."""
+    loggers: list[Any] = []
+    for name in logger_names(logger_name):
+        if name == "tensorboard":
+            from lightning.fabric.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(root_dir=out_dir / "logs", name="tensorboard"))
+        elif name == "csv":
+            from lightning.fabric.loggers import CSVLogger
+
+            loggers.append(CSVLogger(root_dir=out_dir / "logs", name="csv"))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(save_dir=str(out_dir / "logs"), project="litft", name=out_dir.name))
+    return loggers
 
 
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-true")
@@ -209,8 +236,17 @@ def check_run_args(out_dir: Path, devices: int, strategy: str, precision: str | 
                              "or use --strategy ddp" + (" or fsdp" if torch.cuda.is_available() else ""))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise LitftError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    if logger_name not in ("tensorboard", "none"):
-        raise LitftError(f"unknown logger_name {logger_name!r}: use tensorboard or none")
+    names = logger_names(logger_name)
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown or (not names and str(logger_name).strip() != "none"):
+        raise LitftError(f"unknown logger_name {logger_name!r}: use tensorboard, csv, wandb (several joined by "
+                         "commas, e.g. tensorboard,csv) or none")
+    if "wandb" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise LitftError('--logger_name wandb needs the wandb package, which is not installed: '
+                             'pip install "litft[wandb]" (or use tensorboard or csv)')
 
 
 def check_train_args(train: TrainArgs, devices: int, eval: EvalArgs | None = None) -> None:
@@ -306,9 +342,12 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
         save_on_rank0(fabric, final, lambda d: _save_final(method, d, out_dir), out_dir)
         if rank == 0:
             fabric.print(f"Saved {final}")
-            if fabric.loggers:
-                fabric.print(f"TensorBoard logs: {fabric.logger.log_dir}  "
-                             f"(view: tensorboard --logdir {out_dir / 'logs'})")
+            for logger in fabric.loggers:
+                kind = type(logger).__name__.removesuffix("Logger")
+                where = Path(logger.save_dir) / "wandb" if kind == "Wandb" else logger.log_dir
+                view = {"TensorBoard": f"  (view: tensorboard --logdir {out_dir / 'logs'})",
+                        "Wandb": f"  (an offline run uploads with: wandb sync {where}/offline-run-*)"}.get(kind, "")
+                fabric.print(f"{kind} logs: {where}{view}")
     except KeyboardInterrupt as e:  # Ctrl-C: one line for the CLI (exit 130), the loggers flushed
         for logger in fabric.loggers:
             logger.finalize("interrupted")
@@ -499,8 +538,10 @@ def validate(fabric: L.Fabric, method: Finetune, val_loader: DataLoader, tokeniz
     fabric.print(f"\nstep {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}\n"
                  f"sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(out[prompt.numel():])!r}")
     fabric.log_dict({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, step)
-    if fabric.global_rank == 0 and fabric.loggers and hasattr(fabric.logger, "experiment"):
-        fabric.logger.experiment.add_text("val/sample", text, step)
+    if fabric.global_rank == 0:
+        for logger in fabric.loggers:
+            if hasattr(logger.experiment, "add_text"):  # TensorBoard: the sample generation as text
+                logger.experiment.add_text("val/sample", text, step)
     return val_loss
 
 

@@ -63,7 +63,7 @@ CASES: list = [  # (args, expected substring), or a pytest.param of one
     (FT + ["--strategy", "nonsense"], "unknown strategy 'nonsense'"),
     (FT + ["--devices", "0"], "devices must be an integer >= 1"),
     (FT + ["--devices", "-1"], "devices must be an integer >= 1"),
-    (FT + ["--logger_name", "wandb"], "use tensorboard or none"),
+    (FT + ["--logger_name", "mlflow"], "use tensorboard, csv, wandb"),
     (FT + ["--seed", "-1"], "seed must be an integer"),
     (FT + ["--train.log_interval", "0"], "train.log_interval must be >= 1"),
     (FT + ["--train.max_steps", "null", "--train.epochs", "0"], "train.epochs must be >= 1"),

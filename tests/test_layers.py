@@ -16,7 +16,7 @@ LAYERS: list[list[str]] = [
     ["litft.utils", "litft"],  # "litft": the package's own __init__ (the longest prefix wins for the rest)
     ["litft.native", "litft.cpu_kernels"],
     ["litft.models", "litft.tokenizer", "litft.chat_template"],
-    ["litft.checkpoint", "litft.convert"],
+    ["litft.checkpoint", "litft.convert", "litft.gguf"],
     ["litft.adapters"],
     ["litft.methods"],
     ["litft.data"],

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from litft.cli import run
-from litft.plot import COLORS, nice_ticks, read_scalars
+from litft.plot import COLORS, read_scalars
 from litft.utils import LitftError
 
 
@@ -56,6 +56,13 @@ def test_plot_errors_are_clear(tmp_path):
         run(["plot", str(tmp_path / "runs")])
 
 
-def test_nice_ticks():
-    assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
-    assert nice_ticks(1.23, 1.91) == pytest.approx([1.4, 1.6, 1.8])
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from litft.plot import plot
+
+    write_run(tmp_path / "a", 0, {0: 1.0})
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what importing it does when it is not installed
+    with pytest.raises(LitftError, match=r'pip install "litft\[plot\]"'):
+        plot([tmp_path / "a"], out=tmp_path / "v.png")
+    assert not (tmp_path / "v.png").exists()

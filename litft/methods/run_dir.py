@@ -104,7 +104,7 @@ def load_method(run_dir: Path | str, checkpoint_dir: Path | str | None = None,
 
 
 def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: Path | None = None,
-               merge_into: str = "original") -> Path:
+               merge_into: str = "original", format: str = "litft", gguf_type: str = "f16") -> Path:
     """Merge a trained adapter into its base model and write a plain litft checkpoint.
 
     Args:
@@ -114,7 +114,18 @@ def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: P
         merge_into: for a run on a quantized base (QLoRA): original merges into the full-precision weights
             of checkpoint_dir (the usual practice), dequantized into the dequantized weights the adapter was
             trained against. Runs on a full-precision base ignore it.
+        format: litft (the merged checkpoint) or gguf (the merged checkpoint, and beside its files one
+            `<name>-<gguf_type>.gguf` for llama.cpp / Ollama; needs `pip install "litft[gguf]"`).
+        gguf_type: with --format gguf: f32, f16, bf16 or q8_0.
     """
+    if format not in ("litft", "gguf"):
+        raise LitftError(f"unknown format {format!r}: use litft or gguf")
+    if format == "gguf":
+        from litft.gguf import GGUF_TYPES, require_gguf
+
+        require_gguf()  # before the merge, not after it
+        if gguf_type not in GGUF_TYPES:
+            raise LitftError(f"unknown gguf_type {gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
     if merge_into not in ("original", "dequantized"):
         raise LitftError(f"unknown merge_into {merge_into!r}: use original or dequantized")
     check_out_dir(out_dir)
@@ -128,4 +139,8 @@ def merge_lora(adapter_dir: Path, checkpoint_dir: Path | None = None, out_dir: P
     save_checkpoint(model.state_dict(), config, out, tokenizer_dir=method.checkpoint_dir)
     into = f" ({merge_into} weights of a {quantized} run)" if quantized else ""
     print(f"Merged {adapter_dir} into {method.checkpoint_dir}{into} -> {out}")
+    if format == "gguf":
+        from litft.gguf import export_gguf
+
+        return export_gguf(out, out / f"{out.name}-{gguf_type}.gguf", gguf_type)
     return out
