@@ -2,6 +2,7 @@
 is a module here plus one entry."""
 from litft.methods.base import Finetune
 from litft.methods.dora import DoRA
+from litft.methods.dpo import DPO
 from litft.methods.full import Full
 from litft.methods.lora import LoRA
 from litft.methods.lora_plus import LoRAPlus
@@ -9,6 +10,6 @@ from litft.methods.neft import NEFT
 from litft.methods.qlora import QLoRA
 
 METHODS: dict[str, type[Finetune]] = {"lora": LoRA, "full": Full, "qlora": QLoRA, "dora": DoRA,
-                                      "lora_plus": LoRAPlus, "neft": NEFT}
+                                      "lora_plus": LoRAPlus, "neft": NEFT, "dpo": DPO}
 
-__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT"]
+__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT", "DPO"]
