@@ -38,7 +38,9 @@ def test_config_parses(path, capsys):
 METHOD_OPTIONS = {"lora": ("--quantize",), "qlora": ("--quantize",), "full": (),
                   "dora": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha"),
                   "lora_plus": ("--loraplus_lr_ratio", "--quantize"),
-                  "neft": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha")}
+                  "neft": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha"),
+                  "dpo": ("--beta", "--loss_type", "--label_smoothing", "--use_dora", "--loraplus_lr_ratio", "--quantize",
+                          "--init_adapter")}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
