@@ -21,6 +21,7 @@ import yaml
 from litft.cli import commands, run
 from litft.data import JSON
 from litft.train import EvalArgs, TrainArgs, finetune
+from litft.utils import LitftError
 from tests.helpers import make_checkpoint, make_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +250,7 @@ def test_custom_method_cli_documents_its_options(monkeypatch):
 def test_custom_method_passes_precision_to_finetune(tmp_path):
     """`--precision` reaches the Fabric launcher: an invalid one is refused before any step runs."""
     tutorial = load_tutorial("custom_method")
-    with pytest.raises(ValueError, match="no-such-precision"):
+    with pytest.raises(LitftError, match="no-such-precision"):
         tutorial.main(checkpoint_dir=make_checkpoint(tmp_path / "ckpt"), json_path=make_task(tmp_path / "t.json", n=16),
                       val_json_path=None, out_dir=tmp_path / "out", max_steps=1, precision="no-such-precision")
 
