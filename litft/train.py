@@ -248,6 +248,11 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
         seed: int, resume: bool | Path, run_config: dict[str, Any]) -> dict[str, float]:
     fabric.seed_everything(seed)
     world, rank = fabric.world_size, fabric.global_rank
+    if getattr(data, "preference_pairs", False) != getattr(method, "preference_pairs", False):
+        # an SFT method on pairs would train on the rejected responses too; DPO on SFT data has no pairs
+        raise LitftError(f"{type(method).__name__} and --data {type(data).__name__} do not fit: preference pairs "
+                         "(litft.data.Preference) go with `litft finetune dpo`, and dpo needs them; use a matching "
+                         "pair (SFT: --data JSON / Alpaca)")
     tokenizer = Tokenizer(method.checkpoint_dir)
     method.configure_model()
     max_seq_length = train.max_seq_length or method.model.config.max_seq_length

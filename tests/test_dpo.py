@@ -182,12 +182,14 @@ def test_truncation_keeps_prompt_end_and_completion_starts(ckpt, tmp_path):
     assert torch.equal(row[5:8], chosen[:3])  # the completion's start
 
 
-@pytest.mark.parametrize("case", ["empty_completion", "missing_key", "all_same", "prompt_too_long"])
+@pytest.mark.parametrize("case", ["empty_completion", "missing_key", "all_same", "prompt_too_long",
+                                  "completion_cut_to_nothing"])
 def test_bad_preference_data_is_one_clear_error(case, ckpt, tmp_path):
     pairs = [dict(p) for p in PAIRS]
     expect = {"empty_completion": "empty 'rejected' completion", "missing_key": "has no 'chosen' field",
               "all_same": "the chosen and the rejected response are the same",
-              "prompt_too_long": "leaves nothing of its completions"}[case]
+              "prompt_too_long": "leaves nothing of its completions.*set --data.max_prompt_length",
+              "completion_cut_to_nothing": "leaves nothing of its completions.*lower --data.max_prompt_length"}[case]
     if case == "empty_completion":
         pairs[1]["rejected"] = "  "
     elif case == "missing_key":
@@ -202,6 +204,8 @@ def test_bad_preference_data_is_one_clear_error(case, ckpt, tmp_path):
             "--logger_name", "none"]
     if case == "prompt_too_long":
         args += ["--train.max_seq_length", "6"]
+    elif case == "completion_cut_to_nothing":  # the prompt is cut to max_prompt_length, which fills the sequence
+        args += ["--train.max_seq_length", "6", "--data.max_prompt_length", "6"]
     with pytest.raises(LitftError, match=expect):
         run(args)
     assert not out.exists()  # nothing written
@@ -226,3 +230,61 @@ def test_first_step_loss_is_log2_per_pair_and_rewards_are_logged(ckpt, tmp_path,
     events = EventAccumulator(str(next((out / "logs" / "tensorboard").glob("version_*")))).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/rewards/margins", "train/rewards/accuracy", "val/rewards/margins", "val/rewards/accuracy"} <= tags
+
+
+# -- what DPO refuses, and the adapter options it runs with ---------------------------------------------
+DPO_ARGS = ["--data.prompt_style", "plain", "--train.max_steps", "2", "--train.global_batch_size", "4",
+            "--train.micro_batch_size", "4", "--eval.interval", "0", "--eval.final_validation", "false",
+            "--eval.max_new_tokens", "2", "--logger_name", "none"]
+
+
+@pytest.mark.parametrize("method,data", [("lora", "Preference"), ("full", "Preference"), ("dpo", "JSON")])
+def test_method_and_data_must_fit(method, data, ckpt, tmp_path):
+    """An SFT method on preference pairs would train on the rejected responses too; DPO on SFT records has no
+    pairs: one error before anything is loaded or written."""
+    records = PAIRS if data == "Preference" else [{"instruction": p["prompt"], "output": p["chosen"]} for p in PAIRS]
+    path = write_pairs(tmp_path / "d.json", records, n=4)
+    out = tmp_path / "out"
+    with pytest.raises(LitftError, match="preference pairs .* go with `litft finetune dpo`"):
+        run(["finetune", method, "--checkpoint_dir", str(ckpt), "--data", data, "--data.json_path", str(path),
+             "--out_dir", str(out), *DPO_ARGS])
+    assert not out.exists()
+
+
+def test_full_fine_tuning_is_refused(ckpt):
+    from litft.methods.base import Finetune
+    from litft.methods.dpo import Preference as PreferenceSteps
+    from litft.methods.full import Full
+
+    class FullDPO(PreferenceSteps, Full):
+        pass
+
+    with pytest.raises(LitftError, match="DPO with full fine-tuning is not supported"):
+        FullDPO(checkpoint_dir=ckpt)
+
+    class NoAdapterDPO(PreferenceSteps, Finetune):  # any other module without adapter layers: no reference
+        pass
+
+    method = NoAdapterDPO(checkpoint_dir=ckpt)
+    with pytest.raises(LitftError, match="DPO needs adapter layers"):
+        method.configure_model()
+
+
+@pytest.mark.parametrize("options", [["--quantize", "bnb.nf4"], ["--loraplus_lr_ratio", "16"],
+                                     ["--use_dora", "true"]], ids=["qlora", "lora_plus", "dora"])
+def test_dpo_runs_with_qlora_loraplus_dora(options, ckpt, tmp_path, one_thread):
+    """Two steps with each adapter option: the loss starts at log 2 (policy = reference) and the adapter moves."""
+    if options[0] == "--quantize":
+        pytest.importorskip("bitsandbytes")
+    path = write_pairs(tmp_path / "p.json", PAIRS, n=2)
+    out = tmp_path / "out"
+    metrics = run(["finetune", "dpo", "--checkpoint_dir", str(ckpt), "--data", "Preference", "--data.json_path",
+                   str(path), "--out_dir", str(out), "--dropout", "0.0", "--lr", "0.01", *options, *DPO_ARGS])
+    assert math.isfinite(metrics["loss"])
+    from litft.checkpoint import iter_safetensors
+
+    saved = dict(iter_safetensors(out / "final" / "adapter.safetensors"))
+    lora_b = [v for k, v in saved.items() if k.endswith("lora_B")]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # trained away from B = 0
+    if "--use_dora" in options:
+        assert any(k.endswith("magnitude") for k in saved)

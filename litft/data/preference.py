@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 class Preference(DataModule):
     """Preference pairs (prompt, chosen, rejected) from a JSON list or a JSONL file, plain or conversational."""
 
+    preference_pairs = True  # the loop refuses it with an SFT method (which would also learn the rejected side)
+
     def __init__(
         self,
         json_path: Path,

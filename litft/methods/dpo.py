@@ -48,7 +48,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litft.adapters.dora import DoRALinear
-from litft.adapters.inject import adapters_disabled
+from litft.adapters.inject import adapter_modules, adapters_disabled
+from litft.methods.full import Full
 from litft.methods.lora import LoRA
 from litft.methods.lora_plus import LoRAPlusGroups
 from litft.utils import LitftError
@@ -122,6 +123,7 @@ class Preference:
     (`class DPO(Preference, LoRAPlusGroups, LoRA)`) so its steps win."""
 
     reports_perplexity = False  # the loop's val ppl is exp(token loss); a preference loss has none
+    preference_pairs = True  # takes litft.data.Preference batches (the loop checks the data fits)
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, cache_reference: bool = False, **kwargs: Any) -> None:
@@ -135,6 +137,10 @@ class Preference:
             cache_reference: keep each pair's reference log-probs after their first forward and reuse them in
                 later epochs (the reference never changes; this saves a forward per pair and epoch).
         """
+        if isinstance(self, Full):
+            raise LitftError("DPO with full fine-tuning is not supported: its reference would be a second full copy "
+                             "of the model. Train an adapter instead: `litft finetune dpo` (LoRA; --use_dora true "
+                             "for DoRA, --quantize bnb.nf4 for a QLoRA base)")
         super().__init__(**kwargs)
         if loss_type not in LOSS_TYPES:
             raise LitftError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
@@ -159,6 +165,9 @@ class Preference:
             # the reference is the model as it starts: keep only its trainable tensors (adapter-sized)
             self.reference_params = {n: p.detach().clone() for n, p in self.model.named_parameters()
                                      if p.requires_grad}
+        elif not adapter_modules(self.model):  # nothing to switch off: the "reference" would be the policy itself
+            raise LitftError(f"{type(self).__name__}: DPO needs adapter layers (its reference is the model without "
+                             "them); this model has none. Use `litft finetune dpo` (LoRA / DoRA)")
 
     @contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
