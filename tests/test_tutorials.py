@@ -305,6 +305,7 @@ QUOTED = [
     ("tutorials/methods.md", "### What DoRA costs (benchmark)", BENCH, ["## Machine", "## DoRA vs LoRA"]),
     ("tutorials/qlora.md", "## On the demo task", "tutorials/methods.md", ["### Results on the demo"]),
     ("README.md", "### Preference tuning (DPO)", "tutorials/dpo.md", ["## Measured on the demo"]),
+    ("tutorials/dpo.md", "## Memory", BENCH, ["## DPO vs SFT memory"]),
 ]
 # measured-looking numbers: decimals, percentages, and integers of three digits or more (not part of a name)
 NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+|\d+(?=%)|\d+(?=-\d+%)|\d{3,})(?!\d|\.\d|[A-Za-wyz_])")  # 1.50x, not 135M
