@@ -284,6 +284,11 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
         seed: int, resume: bool | Path, run_config: dict[str, Any]) -> dict[str, float]:
     fabric.seed_everything(seed)
     world, rank = fabric.world_size, fabric.global_rank
+    if getattr(data, "preference_pairs", False) != getattr(method, "preference_pairs", False):
+        # an SFT method on pairs would train on the rejected responses too; DPO on SFT data has no pairs
+        raise LitftError(f"{type(method).__name__} and --data {type(data).__name__} do not fit: preference pairs "
+                         "(litft.data.Preference) go with `litft finetune dpo`, and dpo needs them; use a matching "
+                         "pair (SFT: --data JSON / Alpaca)")
     tokenizer = Tokenizer(method.checkpoint_dir)
     method.configure_model()
     max_seq_length = train.max_seq_length or method.model.config.max_seq_length
@@ -373,7 +378,7 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
     try:
         while state["step"] < total_steps:
             micro = [next(batches) for _ in range(accum)]
-            counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in micro]).sum()
+            counts = torch.tensor([float(method.loss_count(b)) for b in micro]).sum()  # target tokens (DPO: pairs)
             n_global = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").item()
             if n_global == 0:
                 raise LitftError("a global batch has no target tokens (every label is masked); check the data")
@@ -385,6 +390,8 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
                 loss_sum += loss.detach()
                 tokens_seen += batch["input_ids"].numel()
             total_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / n_global
+            extra = {k: fabric.all_reduce(v, reduce_op="sum").item() / n_global  # e.g. DPO's rewards, per pair
+                     for k, v in sorted(method.pop_metric_sums().items())}
             if not math.isfinite(total_loss):
                 raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
                                  "or check the data; no checkpoint was written for this step")
@@ -399,12 +406,13 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
                 elapsed = time.perf_counter() - t0
                 step_metrics = dict(loss=total_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                                     tokens_per_sec=tokens_seen * world / max(elapsed, 1e-9),
-                                    peak_memory_gb=peak_memory_gb())
+                                    peak_memory_gb=peak_memory_gb(), **extra)
                 metrics.update(step_metrics)
                 # only this step's training metrics: validation logs val/* itself, once, at the step it ran
                 fabric.log_dict({f"train/{k}": v for k, v in step_metrics.items()}, step)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
+                    shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in extra.items() if k.startswith("rewards/")}
+                    progress.set_postfix(loss=f"{total_loss:.4f}", **shown, tok_s=f"{metrics['tokens_per_sec']:.0f}")
             if progress is not None:
                 progress.update(1)
             val_loss = None
@@ -519,6 +527,7 @@ def peak_memory_gb() -> float:
 def validate(fabric: L.Fabric, method: Finetune, val_loader: DataLoader, tokenizer: Tokenizer, data: DataModule,
              eval: EvalArgs, step: int) -> float:
     method.eval()
+    method.pop_metric_sums()  # only this validation's sums below
     loss_sum = torch.zeros((), device=fabric.device)
     n = torch.zeros((), device=fabric.device)
     for i, batch in enumerate(val_loader):
@@ -528,16 +537,20 @@ def validate(fabric: L.Fabric, method: Finetune, val_loader: DataLoader, tokeniz
         s, count = method.validation_step(batch)
         loss_sum += s
         n += count
-    val_loss = (fabric.all_reduce(loss_sum, reduce_op="sum") / fabric.all_reduce(n, reduce_op="sum").clamp(min=1)).item()
+    n_all = fabric.all_reduce(n, reduce_op="sum").clamp(min=1)
+    val_loss = (fabric.all_reduce(loss_sum, reduce_op="sum") / n_all).item()
+    extra = {k: (fabric.all_reduce(v, reduce_op="sum") / n_all).item() for k, v in sorted(method.pop_metric_sums().items())}
     sample = data.val_dataset[0]
     prompt, _ = split_prompt(sample)
     out = generate(method.model, prompt.to(fabric.device), eval.max_new_tokens, eos_ids=stop_ids(tokenizer))
     text = tokenizer.decode(out[prompt.numel():], skip_special_tokens=True)
     method.train()
     # printed with its special tokens: a chat prompt without its role markers would misread as plain text
-    fabric.print(f"\nstep {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}\n"
+    scores = {"loss": val_loss, **({"ppl": math.exp(min(val_loss, 50))} if method.reports_perplexity else {}), **extra}
+    shown = ", ".join(f"val {k} {v:.4f}" if k != "ppl" else f"val ppl {v:.2f}" for k, v in scores.items())
+    fabric.print(f"\nstep {step}: {shown}\n"
                  f"sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(out[prompt.numel():])!r}")
-    fabric.log_dict({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, step)
+    fabric.log_dict({f"val/{k}": v for k, v in scores.items()}, step)
     if fabric.global_rank == 0:
         for logger in fabric.loggers:
             if hasattr(logger.experiment, "add_text"):  # TensorBoard: the sample generation as text

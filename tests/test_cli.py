@@ -40,7 +40,9 @@ METHOD_OPTIONS = {"lora": ("--quantize",), "qlora": ("--quantize",), "full": (),
                   "lora_plus": ("--loraplus_lr_ratio", "--quantize"),
                   "neft": ("--loraplus_lr_ratio", "--quantize", "--neftune_alpha"),
                   "vera": ("--projection_seed", "--d_initial", "--quantize", "--neftune_alpha"),
-                  "pissa": ("--pissa_niter", "--quantize", "--loraplus_lr_ratio", "--neftune_alpha")}
+                  "pissa": ("--pissa_niter", "--quantize", "--loraplus_lr_ratio", "--neftune_alpha"),
+                  "dpo": ("--beta", "--loss_type", "--label_smoothing", "--use_dora", "--loraplus_lr_ratio", "--quantize",
+                          "--init_adapter")}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))

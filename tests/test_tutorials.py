@@ -231,6 +231,18 @@ def test_the_methods_tutorial_runs_every_run_of_its_table():
         assert f"out/methods/{name}" in runs, f"methods.md's table has {row!r} but no command writes out/methods/{name}"
 
 
+def test_the_dpo_tutorial_is_one_chain_of_runs():
+    """tutorials/dpo.md: the DPO config starts from the adapter its SFT command writes, and the plot reads the
+    DPO run's directory."""
+    cmds = [argv for where, argv, _ in LITFT_COMMANDS if where.startswith("tutorials/dpo.md: litft")]
+    sft = next(a for a in cmds if a[1:3] == ["finetune", "lora"])
+    dpo = next(a for a in cmds if a[1:3] == ["finetune", "dpo"])
+    config = yaml.safe_load((REPO / dpo[dpo.index("--config") + 1]).read_text())
+    assert config["init_adapter"] == sft[sft.index("--out_dir") + 1] + "/final"
+    plots = [a for a in cmds if a[1] == "plot"]
+    assert plots and all(config["out_dir"] in a for a in plots)
+
+
 @pytest.mark.parametrize("where, argv, complete", CUSTOM_METHOD_COMMANDS, ids=[c[0] for c in CUSTOM_METHOD_COMMANDS])
 def test_custom_method_commands_parse(where, argv, complete, monkeypatch):
     """The tutorial's own command line (jsonargparse over `main`) takes every flag the pages show."""
@@ -293,6 +305,8 @@ QUOTED = [
     ("README.md", "### QLoRA: a quantized frozen base", "tutorials/qlora.md", ["## Modes", "## How it works", "## Measured"]),
     ("tutorials/methods.md", "### What DoRA costs (benchmark)", BENCH, ["## Machine", "## DoRA vs LoRA"]),
     ("tutorials/qlora.md", "## On the demo task", "tutorials/methods.md", ["### Results on the demo"]),
+    ("README.md", "### Preference tuning (DPO)", "tutorials/dpo.md", ["## Measured on the demo"]),
+    ("tutorials/dpo.md", "## Memory", BENCH, ["## DPO vs SFT memory"]),
 ]
 # measured-looking numbers: decimals, percentages, and integers of three digits or more (not part of a name)
 NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+|\d+(?=%)|\d+(?=-\d+%)|\d{3,})(?!\d|\.\d|[A-Za-wyz_])")  # 1.50x, not 135M

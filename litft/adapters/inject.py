@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -374,3 +375,19 @@ def unload_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
             return m.base_layer
         model.set_submodule(name, m.base_layer)
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with every adapter layer taken out (its base layer put back in its place), then restored: the
+    base model, without a copy of it (DPO's reference). Merged adapters live inside the base weights: refused."""
+    mods = adapter_modules(model)
+    if any(getattr(m, "merged", False) for _, m in mods):
+        raise ValueError("adapters_disabled: some adapters are merged into the base weights; unmerge them first")
+    for name, m in mods:
+        model.set_submodule(name, m.base_layer)
+    try:
+        yield model
+    finally:
+        for name, m in mods:
+            model.set_submodule(name, m)

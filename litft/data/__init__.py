@@ -1,9 +1,10 @@
-"""Data for supervised fine-tuning: prompt styles, the DataModule interface, JSON/JSONL loaders."""
+"""Data for supervised fine-tuning and preference tuning (Preference): prompt styles, the DataModule interface, JSON/JSONL loaders."""
 
 from litft.data.base import DataError, DataFileNotFoundError, DataModule, SFTDataset, collate
 from litft.data.json_data import JSON, Alpaca, load_json_records, pack_samples, tokenize_example, train_test_split
 from litft.data.conversation import Conversations
 from litft.data.hf_dataset import HF
+from litft.data.preference import Preference
 from litft.data.prompts import PromptStyle, prompt_styles, resolve_prompt_style
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Alpaca",
     "Conversations",
     "HF",
+    "Preference",
     "resolve_prompt_style",
     "load_json_records",
     "pack_samples",

@@ -2,6 +2,7 @@
 is a module here plus one entry."""
 from litft.methods.base import Finetune
 from litft.methods.dora import DoRA
+from litft.methods.dpo import DPO
 from litft.methods.full import Full
 from litft.methods.lora import LoRA
 from litft.methods.lora_plus import LoRAPlus
@@ -11,7 +12,7 @@ from litft.methods.qlora import QLoRA
 from litft.methods.vera import VeRA
 
 METHODS: dict[str, type[Finetune]] = {"lora": LoRA, "full": Full, "qlora": QLoRA, "dora": DoRA,
-                                      "lora_plus": LoRAPlus, "neft": NEFT, "vera": VeRA,
+                                      "lora_plus": LoRAPlus, "neft": NEFT, "vera": VeRA, "dpo": DPO,
                                       "pissa": PiSSA}
 
-__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT", "VeRA", "PiSSA"]
+__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT", "VeRA", "PiSSA", "DPO"]

@@ -2,8 +2,10 @@
 
 The training loop (`litft/train.py`) knows only this interface:
   configure_model()          load the base model, wrap/freeze layers
-  training_step(batch)       -> summed token loss (the loop divides by the global token count)
-  validation_step(batch)     -> (summed token loss, number of target tokens)
+  training_step(batch)       -> summed loss (the loop divides by the global sum of loss_count(batch))
+  validation_step(batch)     -> (summed loss, its loss_count)
+  loss_count(batch)          what the loss is summed over: target tokens (DPO: pairs)
+  pop_metric_sums()          extra summed metrics since the last call (DPO's rewards), logged as sum / count
   configure_optimizers()     -> (optimizer, lr scheduler); reads self.total_steps
   trainable_state_dict() / load_trainable_state_dict(sd)   what a resumable checkpoint holds
   save_final(out_dir)        what a finished run leaves behind
@@ -26,6 +28,7 @@ from litft.utils import LitftError, atomic_write_text
 
 class Finetune(L.LightningModule):
     weights_file = "model.safetensors"  # what save_final / step-N checkpoints store the trained weights in
+    reports_perplexity = True  # the loss is a mean token cross-entropy: validation also reports exp(loss)
 
     def __init__(
         self,
@@ -80,6 +83,15 @@ class Finetune(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return chunked_cross_entropy(self.model.lm_head, self(batch), batch["labels"])
+
+    def loss_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What training_step's loss is a sum over (the loop normalises by its global total): target tokens."""
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def pop_metric_sums(self) -> dict[str, torch.Tensor]:
+        """Extra metrics summed over the steps since the last call (the loop logs them divided by the loss
+        count, as train/<name> and val/<name>); none here."""
+        return {}
 
     # -- optimisation ---------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
