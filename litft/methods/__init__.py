@@ -4,11 +4,12 @@ from litft.methods.base import Finetune
 from litft.methods.dora import DoRA
 from litft.methods.full import Full
 from litft.methods.lora import LoRA
+from litft.methods.lora_fa import LoRAFA
 from litft.methods.lora_plus import LoRAPlus
 from litft.methods.neft import NEFT
 from litft.methods.qlora import QLoRA
 
 METHODS: dict[str, type[Finetune]] = {"lora": LoRA, "full": Full, "qlora": QLoRA, "dora": DoRA,
-                                      "lora_plus": LoRAPlus, "neft": NEFT}
+                                      "lora_plus": LoRAPlus, "neft": NEFT, "lora_fa": LoRAFA}
 
-__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT"]
+__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT", "LoRAFA"]
