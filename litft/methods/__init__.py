@@ -1,6 +1,7 @@
 """One LightningModule per fine-tuning method. `METHODS` maps the command line's names to them: a new method
 is a module here plus one entry."""
 from litft.methods.base import Finetune
+from litft.methods.delta_lora import DeltaLoRA
 from litft.methods.dora import DoRA
 from litft.methods.full import Full
 from litft.methods.lora import LoRA
@@ -10,6 +11,6 @@ from litft.methods.neft import NEFT
 from litft.methods.qlora import QLoRA
 
 METHODS: dict[str, type[Finetune]] = {"lora": LoRA, "full": Full, "qlora": QLoRA, "dora": DoRA,
-                                      "lora_plus": LoRAPlus, "neft": NEFT, "lora_fa": LoRAFA}
+                                      "lora_plus": LoRAPlus, "neft": NEFT, "lora_fa": LoRAFA, "delta_lora": DeltaLoRA}
 
-__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT", "LoRAFA"]
+__all__ = ["METHODS", "Finetune", "LoRA", "Full", "QLoRA", "DoRA", "LoRAPlus", "NEFT", "LoRAFA", "DeltaLoRA"]
