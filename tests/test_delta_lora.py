@@ -158,3 +158,19 @@ def test_layer_refuses_a_quantized_base():
     bnb = pytest.importorskip("bitsandbytes")
     with pytest.raises(LitftError, match="plain floating-point nn.Linear"):
         DeltaLoRALinear(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False), r=2, alpha=4.0)
+
+
+def test_ddp_two_processes_match_one(ckpt, task, tmp_path):
+    """Every rank moves W by the same update: two CPU processes end with the adapter (and lora_delta) of one."""
+    from tests.test_train import litft_cmd
+
+    args = [str(a) for a in _delta_args(ckpt, task, tmp_path / "one")]
+    one = litft_cmd(*args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = litft_cmd(*[str(a) for a in _delta_args(ckpt, task, tmp_path / "two")], "--devices", "2", "--strategy", "ddp")
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_state_dict_file(tmp_path / "one" / "final" / "adapter.safetensors")
+    b = load_state_dict_file(tmp_path / "two" / "final" / "adapter.safetensors")
+    assert any(k.endswith(".lora_delta") and v.abs().max() > 0 for k, v in a.items())
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
