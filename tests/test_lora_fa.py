@@ -160,6 +160,19 @@ def test_lorafa_optimizer_trains_and_resumes(ckpt, task, tmp_path, one_thread):
     a = load_state_dict_file(tmp_path / "a" / "final" / "adapter.safetensors")
     b = load_state_dict_file(tmp_path / "b" / "final" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a LoRA-FA run is a plain LoRA adapter (A saved with B): export_peft writes it as one
+    run(["export_peft", str(tmp_path / "a" / "final"), str(tmp_path / "peft")])
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_init_adapter_loads_A_and_keeps_it_frozen(ckpt, task, tmp_path, one_thread):
+    run(common_args(ckpt, task, tmp_path / "lora", steps=2) + ["--dropout", "0"])
+    method = LoRAFA(checkpoint_dir=ckpt, init_adapter=tmp_path / "lora" / "final", r=8, alpha=16)
+    method.configure_model()
+    lora = load_state_dict_file(tmp_path / "lora" / "final" / "adapter.safetensors")
+    params = dict(method.model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in lora.items())
+    assert all(not p.requires_grad for n, p in params.items() if n.endswith("lora_A"))
 
 
 @pytest.mark.parametrize("args,match", [
