@@ -401,6 +401,7 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             step = state["step"]
+            method.after_optimizer_step(step)  # e.g. Delta-LoRA moves W; before any save of this step
 
             if step % train.log_interval == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0

@@ -42,7 +42,9 @@ METHOD_OPTIONS = {"lora": ("--quantize",), "qlora": ("--quantize",), "full": (),
                   "vera": ("--projection_seed", "--d_initial", "--quantize", "--neftune_alpha"),
                   "pissa": ("--pissa_niter", "--quantize", "--loraplus_lr_ratio", "--neftune_alpha"),
                   "dpo": ("--beta", "--loss_type", "--label_smoothing", "--use_dora", "--loraplus_lr_ratio", "--quantize",
-                          "--init_adapter")}
+                          "--init_adapter"),
+                  "lora_fa": ("--lorafa_optimizer", "--quantize", "--neftune_alpha"),
+                  "delta_lora": ("--delta_update_ratio", "--delta_start_step", "--loraplus_lr_ratio", "--neftune_alpha")}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
@@ -70,13 +72,14 @@ def test_config_typo_did_you_mean(tmp_path):
         run(["finetune", "lora", "--config", str(bad)])
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "qlora", "dora", "lora_plus", "neft"])
+@pytest.mark.parametrize("method", ["lora", "full", "qlora", "dora", "lora_plus", "neft", "lora_fa", "delta_lora"])
 def test_each_method_describes_itself(method, capsys):
     """A method class's own docstring is its description, never one inherited from Lightning."""
     from litft.cli import _finetune_methods
 
     cls_doc = {"lora": "LoRA:", "full": "Full fine-tuning:", "qlora": "QLoRA:", "dora": "DoRA:",
-               "lora_plus": "LoRA+:", "neft": "NEFTune:"}[method]
+               "lora_plus": "LoRA+:", "neft": "NEFTune:",
+               "lora_fa": "LoRA-FA:", "delta_lora": "Delta-LoRA:"}[method]
     assert commands()["finetune"][method].__doc__.startswith(cls_doc)
     with pytest.raises(SystemExit):
         run(["finetune", method, "--help"])

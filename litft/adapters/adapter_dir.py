@@ -60,7 +60,9 @@ def check_tensors(tensors: dict[str, Tensor], source: str) -> None:
     if others:
         hint = (" This run also trained biases (bias=all / lora_only): they change the base model itself, which a "
                 "separate adapter cannot carry; merge it with `litft merge_lora` instead."
-                if all(k.endswith(".bias") for k in others) else "")
+                if all(k.endswith(".bias") for k in others) else
+                " This is a Delta-LoRA run: it moved the base weights (lora_delta), which a LoRA adapter cannot carry; "
+                "merge it with `litft merge_lora` instead." if any(k.endswith(".lora_delta") for k in others) else "")
         raise LitftError(f"{source}: not LoRA/DoRA adapter tensors: {others[:3]}.{hint}")
     for module in dict.fromkeys(k.rsplit(".", 1)[0] for k in tensors):
         A, B = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")

@@ -7,6 +7,7 @@ The training loop (`litft/train.py`) knows only this interface:
   loss_count(batch)          what the loss is summed over: target tokens (DPO: pairs)
   pop_metric_sums()          extra summed metrics since the last call (DPO's rewards), logged as sum / count
   configure_optimizers()     -> (optimizer, lr scheduler); reads self.total_steps
+  after_optimizer_step(step) anything a method changes outside the optimizer (Delta-LoRA moves W)
   trainable_state_dict() / load_trainable_state_dict(sd)   what a resumable checkpoint holds
   save_final(out_dir)        what a finished run leaves behind
 """
@@ -133,6 +134,10 @@ class Finetune(L.LightningModule):
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called by the loop after optimizer step `step` (counted from 1); a method that changes weights outside
+        the optimizer does it here (Delta-LoRA). Nothing by default."""
 
     # -- what checkpoints hold ------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
