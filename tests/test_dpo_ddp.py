@@ -1,5 +1,6 @@
 """DPO on several devices: two DDP processes (gloo, CPU) train the adapter one process trains on the same global
-batch (the loss is a mean over pairs, so each rank's share must be weighted by its pairs, not its tokens)."""
+batch (each rank's summed loss is divided by the global number of pairs, all-reduced, as one process divides by
+its accumulated pairs; the per-pair mean itself is checked against TRL in test_dpo.py)."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_dpo_ddp_two_processes_matches_one(ckpt, tmp_path):
-    # pairs of different lengths, so weighting by tokens instead of pairs would change the update
     path = write_pairs(tmp_path / "pairs.json", PAIRS, n=4)
     args = ["finetune", "dpo", "--checkpoint_dir", str(ckpt), "--data", "Preference", "--data.json_path", str(path),
             "--data.prompt_style", "plain", "--data.val_json_path", str(path), "--dropout", "0.0", "--lr", "0.01",
