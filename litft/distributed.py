@@ -89,6 +89,18 @@ def check_devices_fit(devices: int) -> None:
                          f"process on CPU: use --devices {cores} or fewer")
 
 
+def check_launched_processes(devices: int, num_nodes: int) -> None:
+    """Under torchrun (or another launcher that sets WORLD_SIZE and LOCAL_WORLD_SIZE), --devices and --num_nodes must
+    describe the processes it started; Lightning's own error is a traceback."""
+    if os.environ.get(RAY_WORKER_ENV) == "1" or "WORLD_SIZE" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if devices != local or devices * num_nodes != world:
+        raise LitftError(f"the launcher started {world} process(es), {local} per node, but --devices {devices} "
+                         f"--num_nodes {num_nodes} ask for {devices * num_nodes}: pass --devices {local} --num_nodes "
+                         f"{max(1, world // local)}")
+
+
 def check_resume_world(saved_world: int | None, world: int, ckpt: str) -> None:
     if saved_world is not None and saved_world != world:
         raise LitftError(f"{ckpt} was written by {saved_world} process(es) and this run has {world}: the data position "

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from litft.adapters.quantize import QuantizedEmbedding
 from litft.checkpoint import iter_safetensors, save_safetensors
 from litft.data.base import DataModule
-from litft.distributed import (check_devices_fit, check_resume_world, cluster_plugins, fsdp_unsupported,
-                               full_state_dict, is_sharded, make_strategy, unsharded_copy)
+from litft.distributed import (check_devices_fit, check_launched_processes, check_resume_world, cluster_plugins,
+                               fsdp_unsupported, full_state_dict, is_sharded, make_strategy, unsharded_copy)
 from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.ray_launch import RayArgs, check_ray, launch_ray
@@ -185,6 +185,7 @@ def run_fabric(method: Finetune, data: DataModule, out_dir: Path, train: TrainAr
                num_nodes: int, strategy: str, precision: str, seed: int, resume: bool | Path, logger_name: str,
                run_config: dict[str, Any]) -> dict[str, float]:
     """Fabric on this process (and the ones it launches, or that torchrun, SLURM or Ray started): the loop `fit`."""
+    check_launched_processes(devices, num_nodes)
     loggers = []
     if logger_name == "tensorboard":
         from lightning.fabric.loggers import TensorBoardLogger

@@ -49,3 +49,16 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(ckpt, task, tmp_path):
         for code, err in results:
             assert code == 0, err[-3000:]
         assert_same_weights(trained(tmp_path / "one_node", "lora"), trained(out, "lora"))
+
+
+def test_devices_that_do_not_match_what_torchrun_started_are_one_error(ckpt, task, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1",
+                        "--master_port", str(free_port()), "-m", "litft.cli",
+                        *train_args(ckpt, task, out, "lora", 1), "--devices", "2", "--strategy", "ddp"],
+                       cwd=REPO, env=ENV, text=True, capture_output=True, timeout=300)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("litft: error:")]
+    assert lines == ["litft: error: the launcher started 1 process(es), 1 per node, but --devices 2 --num_nodes 1 ask "
+                     "for 2: pass --devices 1 --num_nodes 1"], r.stderr[-3000:]
+    assert not (out / "final").exists() and not (out / "config.yaml").exists()
