@@ -28,8 +28,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from litft.adapters.quantize import QuantizedEmbedding
 from litft.checkpoint import iter_safetensors, save_safetensors
 from litft.data.base import DataModule
+from litft.distributed import (check_devices_fit, check_launched_processes, check_resume_world, cluster_plugins,
+                               fsdp_unsupported, full_state_dict, is_sharded, make_strategy, unsharded_copy)
 from litft.generate import generate
 from litft.methods.base import METHOD_CONFIG, Finetune
+from litft.ray_launch import RayArgs, check_ray, launch_ray
 from litft.tokenizer import Tokenizer
 from litft.utils import (LitftError, SaveError, atomic_write_text, recover_dir, tmp_dir_name, to_yaml_value,
                          write_dir_atomically)
@@ -113,12 +116,15 @@ def finetune(
     train: TrainArgs = TrainArgs(),
     eval: EvalArgs = EvalArgs(),
     devices: int = 1,
+    num_nodes: int = 1,
     strategy: str = "auto",
     precision: str | None = None,
     seed: int = 42,
     resume: bool | Path = False,
     overwrite: bool = False,
     logger_name: str = "tensorboard",
+    launcher: str = "fabric",
+    ray: RayArgs = RayArgs(),
 ) -> dict[str, float]:
     """Launch Fabric and train `method` on `data`; returns the final metrics.
 
@@ -127,8 +133,10 @@ def finetune(
         out_dir: where logs, step-N checkpoints and final/ go.
         train: training loop settings.
         eval: evaluation settings.
-        devices: number of devices (GPUs, or CPU processes with strategy ddp).
-        strategy: auto, ddp, ...
+        devices: number of devices per node (GPUs, or CPU processes with strategy ddp or fsdp).
+        num_nodes: number of machines; start the same command on each (torchrun --nnodes, or srun under SLURM).
+        strategy: auto, ddp (the model replicated on every device), or fsdp (FSDP2: parameters, gradients and
+            optimizer state sharded over the devices), ...
         precision: 32-true, bf16-true, bf16-mixed, 16-mixed; default bf16-true on GPUs with bf16, else 32-true.
         seed: random seed (data order, init, dropout).
         resume: true to continue from the latest out_dir/step-N (falling back to the one before if it is
@@ -138,12 +146,22 @@ def finetune(
         logger_name: where metrics go, one or several joined by commas: tensorboard (out_dir/logs/tensorboard),
             csv (out_dir/logs/csv/version_N/metrics.csv), wandb (Weights & Biases, run dir under out_dir/logs/wandb;
             offline with WANDB_MODE=offline, `wandb sync` later; needs `pip install "litft[wandb]"`), or none.
+        launcher: fabric (Fabric starts --devices processes; or torchrun / srun started them) or ray (Ray Train
+            starts ray.num_workers workers, on a local or a given Ray cluster; needs pip install "litft[ray]").
+        ray: Ray Train settings, with --launcher ray.
     """
     # The resolved run config, in the layout `litft finetune <method> --config` reads back.
     run_config = {**method.method_config()["init_args"], **{k: to_yaml_value(v) for k, v in dict(
-        data=data, out_dir=out_dir, train=train, eval=eval, devices=devices, strategy=strategy, precision=precision,
-        seed=seed, resume=resume, logger_name=logger_name).items()}}
-    check_run_args(out_dir, devices, strategy, precision, seed, logger_name)
+        data=data, out_dir=out_dir, train=train, eval=eval, devices=devices, num_nodes=num_nodes, strategy=strategy,
+        precision=precision,
+        seed=seed, resume=resume, logger_name=logger_name, launcher=launcher, ray=ray).items()}}
+    if launcher not in ("fabric", "ray"):
+        raise LitftError(f"unknown launcher {launcher!r}: use fabric or ray")
+    if launcher == "ray":
+        check_ray(ray)
+    check_run_args(out_dir, devices, strategy, precision, seed, logger_name, num_nodes)
+    if strategy == "fsdp" and (why := fsdp_unsupported(method)):
+        raise LitftError(why)
     if precision is None:
         precision = default_precision()
         if not torch.cuda.is_available():
@@ -154,13 +172,26 @@ def finetune(
     elif precision.startswith("bf16") and not torch.cuda.is_available() and not cpu_bf16_units():
         print(f"Warning: --precision {precision} on a CPU without bf16 units (avx512_bf16/amx_bf16): bf16 is emulated "
               "here and runs many times slower than --precision 32-true.")
-    check_train_args(train, devices, eval)
+    check_train_args(train, ray.num_workers if launcher == "ray" else devices * num_nodes, eval)
     out_dir = Path(out_dir)
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":  # DDP children: rank 0 did it
         prepare_out_dir(out_dir, resume, overwrite)
+    run_kwargs = dict(method=method, data=data, out_dir=out_dir, train=train, eval=eval, strategy=strategy,
+                      precision=precision, seed=seed, resume=resume, logger_name=logger_name, run_config=run_config)
+    if launcher == "ray":
+        return launch_ray(ray, run_kwargs)
+    return run_fabric(**run_kwargs, devices=devices, num_nodes=num_nodes)
+
+
+def run_fabric(method: Finetune, data: DataModule, out_dir: Path, train: TrainArgs, eval: EvalArgs, devices: int,
+               num_nodes: int, strategy: str, precision: str, seed: int, resume: bool | Path, logger_name: str,
+               run_config: dict[str, Any]) -> dict[str, float]:
+    """Fabric on this process (and the ones it launches, or that torchrun, SLURM or Ray started): the loop `fit`."""
+    check_launched_processes(devices, num_nodes)
     loggers = make_loggers(logger_name, out_dir)
     try:
-        fabric = L.Fabric(devices=devices, strategy=strategy, precision=precision, loggers=loggers,
+        fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=make_strategy(strategy, devices, num_nodes),
+                          precision=precision, loggers=loggers, plugins=cluster_plugins(),
                           accelerator="cuda" if torch.cuda.is_available() else "cpu")
     except (ValueError, TypeError, ImportError, RuntimeError) as e:  # a combination Lightning refuses on this machine
         raise LitftError(f"cannot run with --devices {devices} --strategy {strategy} --precision {precision} here: "
@@ -201,7 +232,7 @@ PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-t
 
 
 def check_run_args(out_dir: Path, devices: int, strategy: str, precision: str | None, seed: int,
-                   logger_name: str) -> None:
+                   logger_name: str, num_nodes: int = 1) -> None:
     """The launch options, checked before anything loads: Lightning's own errors are tracebacks."""
     import difflib
 
@@ -217,6 +248,9 @@ def check_run_args(out_dir: Path, devices: int, strategy: str, precision: str | 
         raise LitftError(f"devices must be an integer >= 1, got {devices!r}")
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise LitftError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise LitftError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
+    check_devices_fit(devices)
     strategies = ["auto", *STRATEGY_REGISTRY.available_strategies()]
     if not isinstance(strategy, str):  # a Strategy object, from Python: Lightning checks it
         strategy = ""
@@ -225,9 +259,9 @@ def check_run_args(out_dir: Path, devices: int, strategy: str, precision: str | 
         hint = f" Did you mean {close[0]}?" if close else ""
         raise LitftError(f"unknown strategy {strategy!r}.{hint} Use auto, ddp, fsdp, ...: one of "
                          f"{', '.join(strategies)}")
-    if "fsdp" in strategy and not torch.cuda.is_available():
-        raise LitftError(f"--strategy {strategy} needs CUDA GPUs, and this machine has none: on CPU use --strategy ddp "
-                         "(with --devices N) or auto")
+    if "fsdp" in strategy and strategy != "fsdp" and not torch.cuda.is_available():
+        raise LitftError(f"--strategy {strategy} needs CUDA GPUs, and this machine has none: on CPU use --strategy fsdp "
+                         "or ddp (with --devices N)")
     if strategy.startswith("deepspeed"):
         import importlib.util
 
@@ -313,11 +347,16 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
     total_steps = train.max_steps or steps_per_epoch * train.epochs
     method.total_steps = total_steps
 
-    optimizer, scheduler = method.configure_optimizers()
-    model, optimizer = fabric.setup(method, optimizer)
+    if shards_parameters(fabric):  # FSDP2 replaces the parameters with shards: the optimizer is made after
+        model = fabric.setup_module(method)
+        optimizer, scheduler = method.configure_optimizers()
+        optimizer = fabric.setup_optimizers(optimizer)
+    else:
+        optimizer, scheduler = method.configure_optimizers()
+        model, optimizer = fabric.setup(method, optimizer)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     if resume:
-        state = load_resume_state(fabric, method, optimizer, scheduler, out_dir, resume)
+        state = load_resume_state(fabric, method, model, optimizer, scheduler, out_dir, resume)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
@@ -344,7 +383,11 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
             fabric.print(f"Exact match after fine-tuning: {metrics['exact_match_after']:.1%}")
             fabric.log_dict({"val/exact_match": metrics["exact_match_after"]}, state["step"])
         final = out_dir / "final"
-        save_on_rank0(fabric, final, lambda d: _save_final(method, d, out_dir), out_dir)
+        saver = method
+        if is_sharded(method):  # final/ is consolidated: gathered from the shards, written by rank 0 alone
+            whole = full_state_dict(method.model)
+            saver = unsharded_copy(method, whole) if rank == 0 else None
+        save_on_rank0(fabric, final, lambda d: _save_final(saver, d, out_dir), out_dir)
         if rank == 0:
             fabric.print(f"Saved {final}")
             for logger in fabric.loggers:
@@ -424,7 +467,7 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
             if saving or (stopping and train.save_on_interrupt):
                 if val_loss is not None and (state.get("best_val_loss") is None or val_loss < state["best_val_loss"]):
                     state["best_val_loss"], state["best_step"] = val_loss, step  # in state.pt: survives a resume
-                save_resume_state(fabric, method, optimizer, scheduler, state, out_dir / f"step-{step}")
+                save_resume_state(fabric, method, model, optimizer, scheduler, state, out_dir / f"step-{step}")
                 if train.keep_last is not None and fabric.global_rank == 0:
                     prune_step_dirs(out_dir, train.keep_last, state.get("best_step") if train.keep_best else None)
             if stopping:
@@ -513,9 +556,21 @@ def micro_batches(loader: DataLoader, sampler: DistributedSampler, state: dict[s
 
 def clip_gradients(fabric: L.Fabric, model, optimizer, max_norm: float | None) -> float:
     if max_norm is not None:
-        return float(fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False))
+        return float(_whole(fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    # under FSDP a gradient is a shard (DTensor): the norm of a shard is partial, full_tensor() sums over the ranks
+    return float(torch.linalg.vector_norm(torch.stack([_whole(torch.linalg.vector_norm(g)) for g in grads]))) \
+        if grads else 0.0
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shards_parameters(fabric: L.Fabric) -> bool:
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
 def peak_memory_gb() -> float:
@@ -664,30 +719,53 @@ def save_failed(e: SaveError, out_dir: Path) -> LitftError:
     return LitftError("; ".join(parts))
 
 
-def save_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, state: dict, target: Path) -> None:
+SHARDED_DIR = "sharded"  # in a step-N of an FSDP run: one shard file per rank (torch distributed checkpoint)
+
+
+def save_resume_state(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, state: dict,
+                      target: Path) -> None:
+    rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "world_size": fabric.world_size}
+    if is_sharded(method):
+        # every rank writes its own shard of weights and optimizer state into rank 0's temp directory (fabric.save
+        # takes rank 0's path); rank 0 adds the rest and swaps the directory in once all shards are written
+        sharded = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loop": dict(state), **rng}
+
+        def write(d: Path) -> None:
+            fabric.save(d / SHARDED_DIR, sharded)
+            atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method.method_config(), sort_keys=False))
+
+        save_on_rank0(fabric, target, write, target.parent, others=lambda: fabric.save(target / SHARDED_DIR, sharded))
+        fabric.barrier()
+        return
+
     def write(d: Path) -> None:  # on rank 0
         save_safetensors(method.trainable_state_dict(), d / method.weights_file, metadata={"format": "pt"})
         atomic_write_text(d / METHOD_CONFIG, yaml.safe_dump(method.method_config(), sort_keys=False))
         with open(d / RESUME_STATE, "wb", buffering=0) as f:  # unbuffered: a write error surfaces as OSError
-            torch.save({
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }, f)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(state),
+                        **rng}, f)
 
     save_on_rank0(fabric, target, write, target.parent)
     fabric.barrier()
 
 
-def save_on_rank0(fabric: L.Fabric, target: Path, write, out_dir: Path) -> None:
+def save_on_rank0(fabric: L.Fabric, target: Path, write, out_dir: Path, others=None) -> None:
     """Rank 0 writes the directory `target`; every rank learns whether that failed, so that none waits forever
-    at the next collective while rank 0 stops with the error."""
+    at the next collective while rank 0 stops with the error. `others`: what the other ranks do meanwhile (their
+    part of a collective save inside `write`)."""
     error = None
     if fabric.global_rank == 0:
         try:
             write_dir_atomically(target, write)
         except SaveError as e:
             error = save_failed(e, out_dir)
+    elif others is not None:
+        try:
+            others()
+        except Exception as e:  # noqa: BLE001 -- rank 0 reports the failure of a shared save
+            error = LitftError(f"rank {fabric.global_rank} could not write its shard of {target}: {e}")
     if fabric.world_size > 1:
         failed = fabric.all_reduce(torch.tensor(float(error is not None), device=fabric.device), reduce_op="sum")
         if failed.item() > 0 and error is None:
@@ -696,9 +774,20 @@ def save_on_rank0(fabric: L.Fabric, target: Path, write, out_dir: Path) -> None:
         raise error
 
 
-def read_resume_checkpoint(ckpt: Path, weights_file: str) -> tuple[dict[str, torch.Tensor], dict]:
+def read_resume_checkpoint(ckpt: Path, weights_file: str, sharded: bool = False
+                           ) -> tuple[dict[str, torch.Tensor], dict]:
     """The trained weights and the loop state of a step-N directory; a missing, truncated, corrupt or hostile
-    file is one LitftError naming it (nothing is applied to the model before both read whole)."""
+    file is one LitftError naming it (nothing is applied to the model before both read whole). An FSDP run's
+    step-N (sharded=True) is only checked here: its shards are read by every rank in load_resume_state."""
+    has_shards = (ckpt / SHARDED_DIR / ".metadata").is_file()
+    if sharded != has_shards and (has_shards or (ckpt / RESUME_STATE).is_file()):
+        raise LitftError(f"{ckpt} was written by a run {'with' if has_shards else 'without'} --strategy fsdp: resume "
+                         f"it with the strategy that wrote it ({ckpt.parent / 'config.yaml'})")
+    if sharded:
+        for name in (".metadata", "meta.pt"):
+            if not (ckpt / SHARDED_DIR / name).is_file():
+                raise LitftError(f"{ckpt}: not a resumable checkpoint ({SHARDED_DIR}/{name} is missing)")
+        return {}, {}
     for name in (weights_file, RESUME_STATE):
         if not (ckpt / name).is_file():
             raise LitftError(f"{ckpt}: not a resumable checkpoint ({name} is missing; needs {RESUME_STATE} and "
@@ -720,7 +809,7 @@ def read_resume_checkpoint(ckpt: Path, weights_file: str) -> tuple[dict[str, tor
     return weights, saved
 
 
-def load_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, out_dir: Path,
+def load_resume_state(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, out_dir: Path,
                       resume: bool | Path) -> dict:
     if resume is True:
         candidates = step_dirs(out_dir)[::-1]  # newest first; a damaged one falls back to the one before
@@ -728,16 +817,22 @@ def load_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, 
             raise LitftError(f"--resume true: no step-N checkpoint in {out_dir}")
     else:
         candidates = [Path(resume)]
+    sharded = is_sharded(method)
     for i, ckpt in enumerate(candidates):
         try:
-            weights, saved = read_resume_checkpoint(ckpt, method.weights_file)
+            weights, saved = read_resume_checkpoint(ckpt, method.weights_file, sharded)
             break
         except LitftError as e:
             if i + 1 == len(candidates):
                 raise LitftError(f"{e} (and no earlier step-N checkpoint to fall back to)" if i else str(e)) from e
             fabric.print(f"Warning: {e}; falling back to {candidates[i + 1]}")
+    if sharded:
+        saved = load_sharded_state(fabric, model, optimizer, ckpt)
+        weights = None
+    check_resume_world(saved.get("world_size"), fabric.world_size, str(ckpt))
     try:
-        method.load_trainable_state_dict(weights)
+        if weights is not None:
+            method.load_trainable_state_dict(weights)
     except (RuntimeError, ValueError) as e:  # size mismatch / missing keys: the run was made with other options
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line),
                       str(e).splitlines()[0])
@@ -746,7 +841,8 @@ def load_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, 
                          f"method options (r, targets, ...): resume with the options in {ckpt.parent / 'config.yaml'}"
                          ) from e
     try:
-        optimizer.load_state_dict(saved["optimizer"])
+        if not sharded:  # a sharded run's optimizer state was loaded shard by shard
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         random.setstate(_to_python_rng_state(saved["python_rng"]))
@@ -757,6 +853,22 @@ def load_resume_state(fabric: L.Fabric, method: Finetune, optimizer, scheduler, 
                          f"that wrote it ({ckpt.parent / 'config.yaml'})") from e
     fabric.print(f"Resumed from {ckpt} at step {saved['loop']['step']}")
     return dict(saved["loop"])
+
+
+def load_sharded_state(fabric: L.Fabric, model, optimizer, ckpt: Path) -> dict:
+    """Every rank reads its shards of the weights and the optimizer state of an FSDP run's step-N (a collective);
+    returns the rest: scheduler, loop and RNG states."""
+    try:
+        # the scheduler comes back as its state dict among the rest (fabric.load would only replace the entry)
+        rest = fabric.load(ckpt / SHARDED_DIR, {"model": model, "optimizer": optimizer}, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch.distributed.checkpoint raises many types for a bad directory
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise LitftError(f"{ckpt / SHARDED_DIR}: cannot load this sharded checkpoint (damaged, or written with other "
+                         f"method options; resume with the options in {ckpt.parent / 'config.yaml'}): {first}") from e
+    missing = {"scheduler", "loop", "torch_rng", "python_rng"} - set(rest)
+    if missing:
+        raise LitftError(f"{ckpt / SHARDED_DIR}: not a litft resume state (no {', '.join(sorted(missing))})")
+    return rest
 
 
 def _to_python_rng_state(s):

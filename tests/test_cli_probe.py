@@ -58,8 +58,13 @@ CASES: list = [  # (args, expected substring), or a pytest.param of one
     (FT + ["--betas", "[0.9, 2]"], "Invalid beta parameter"),
     # run options
     (FT + ["--precision", "bf17"], "unknown precision 'bf17'"),
-    pytest.param((FT + ["--strategy", "fsdp"], "--strategy ddp"), id="finetune lora --strategy fsdp (CPU)",
+    # --strategy fsdp itself runs on CPU (FSDP2 over gloo: tests/test_fsdp.py); Lightning's FSDP1 variants do not
+    pytest.param((FT + ["--strategy", "fsdp_cpu_offload"], "needs CUDA GPUs"),
+                 id="finetune lora --strategy fsdp_cpu_offload (CPU)",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fsdp is a valid strategy on GPUs")),
+    (FT + ["--strategy", "fsdp", "--quantize", "bnb.nf4"], "cannot shard a quantized base"),
+    (FT + ["--num_nodes", "0"], "num_nodes must be an integer >= 1"),
+    (FT + ["--launcher", "slurm"], "unknown launcher 'slurm'"),
     (FT + ["--strategy", "nonsense"], "unknown strategy 'nonsense'"),
     (FT + ["--devices", "0"], "devices must be an integer >= 1"),
     (FT + ["--devices", "-1"], "devices must be an integer >= 1"),

@@ -21,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["litft.methods"],
     ["litft.data"],
     ["litft.generate", "litft.chat"],
-    ["litft.train", "litft.plot", "litft.demo"],
+    ["litft.train", "litft.distributed", "litft.ray_launch", "litft.plot", "litft.demo"],
     ["litft.cli", "litft.__main__"],
 ]
 
