@@ -2,9 +2,18 @@
 
 A record is either plain text
     {"prompt": "What kind of word is otter?", "chosen": "animal", "rejected": "food"}
-or conversational (lists of messages, rendered with the prompt style; the prompt holds an optional system message
-and one user message, each completion one assistant message):
+or conversational (lists of messages; each completion one assistant message):
     {"prompt": [{"role": "user", "content": "..."}], "chosen": [{"role": "assistant", "content": "animal"}], ...}
+
+Rendering (`prompt_style`): "auto" (the default) uses the checkpoint's chat template when it ships one, else
+Alpaca; "chat_template" requires the template; any other name is a hand-written style, which renders an optional
+system message and one user message. With the template the prompt (any turns ending with a user turn; a string is
+one user turn) is rendered with the generation prompt, exactly `apply_chat_template(prompt,
+add_generation_prompt=True)`, and each completion is the assistant turn as the template renders it after that
+prompt, its end-of-turn token included, found by prefix rendering as conversation.py finds assistant spans (so DPO
+scores the same reply tokens SFT on that conversation trained). The template's layout after the end-of-turn
+(ChatML's newline) is not part of the completion: TRL keeps it, litft stops where the reply's turn ends, as its
+SFT masks do.
 
 Each pair becomes two sequences sharing the prompt: prompt + chosen and prompt + rejected, the prompt masked
 (-100). Truncation to max_seq_length keeps the completions' starts (their ends are cut); with max_prompt_length a
@@ -22,9 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from litft.chat_template import ROLES
 from litft.data.base import DataError, DataModule, Sample, SFTDataset, collate
+from litft.data.conversation import assistant_token_spans
 from litft.data.json_data import _where, load_json_records, train_test_split
-from litft.data.prompts import PromptStyle
+from litft.data.prompts import PromptStyle, resolve_prompt_style
+from litft.utils import LitftError
 
 if TYPE_CHECKING:
     from litft.tokenizer import Tokenizer
@@ -40,7 +52,7 @@ class Preference(DataModule):
         json_path: Path,
         val_json_path: Path | None = None,
         val_split_fraction: float = 0.05,
-        prompt_style: str = "alpaca",
+        prompt_style: str = "auto",
         add_eos: bool = True,
         max_prompt_length: int | None = None,
         ignore_index: int = -100,
@@ -55,8 +67,11 @@ class Preference(DataModule):
             val_json_path: Optional separate validation file; if unset, a seeded random `val_split_fraction`
                 of json_path.
             val_split_fraction: Fraction of json_path held out for validation (when no val_json_path).
-            prompt_style: Template that wraps the prompt (the user message); one of litft.data.prompts.prompt_styles.
-            add_eos: Append the EOS token to each completion (the model learns where a response ends).
+            prompt_style: "auto": the checkpoint's chat template (chat_template.jinja or tokenizer_config.json),
+                else alpaca; "chat_template": the template, required; or a hand-written style that wraps the user
+                message (one of litft.data.prompts.prompt_styles).
+            add_eos: Append the EOS token to each completion (the model learns where a response ends); hand-written
+                styles only: the chat template writes its own end-of-turn token.
             max_prompt_length: Cut longer prompts to their last this many tokens (null: prompts are kept whole,
                 and one that leaves no room for a completion is an error).
             ignore_index: Label value that the loss ignores.
@@ -71,7 +86,7 @@ class Preference(DataModule):
                             "--data.val_split_fraction 0.05, or give a separate --data.val_json_path.")
         if max_prompt_length is not None and max_prompt_length < 1:
             raise DataError(f"max_prompt_length must be >= 1 or null, got {max_prompt_length}")
-        PromptStyle.from_name(prompt_style)  # fail at CLI-parse time, not after loading a model
+        resolve_prompt_style(prompt_style, None)  # fail at CLI-parse time, not after loading a model
         self.val_split_fraction, self.prompt_style, self.add_eos = val_split_fraction, prompt_style, add_eos
         self.max_prompt_length, self.ignore_index = max_prompt_length, ignore_index
         self.prompt_key, self.chosen_key, self.rejected_key = prompt_key, chosen_key, rejected_key
@@ -83,7 +98,7 @@ class Preference(DataModule):
         if max_seq_length is not None and max_seq_length < 1:
             max_seq_length = None
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        style = PromptStyle.from_name(self.prompt_style)
+        style = resolve_prompt_style(self.prompt_style, tokenizer)  # None: the checkpoint's chat template
         self.num_truncated = 0
         train = self._load_and_tokenize(self.json_path, tokenizer, style, max_seq_length)
         if self.val_json_path is not None:
@@ -128,8 +143,20 @@ class Preference(DataModule):
         if not all(isinstance(c, str) for c in contents) or roles not in (["user"], ["system", "user"]):
             raise DataError(f"Data file {str(path)!r}: {where} prompt messages must be an optional system message and "
                             f"one user message, each with string content (got roles {roles}); prompt styles render one "
-                            "user turn: put earlier turns into the user message")
+                            "user turn: put earlier turns into the user message, or use the checkpoint's chat template "
+                            "(--data.prompt_style chat_template)")
         return style.apply(contents[-1], **({"system": contents[0]} if len(value) == 2 else {}))
+
+    def _prompt_messages(self, value: str | list, path: Path, where: str) -> list[dict[str, str]]:
+        """The prompt as chat-template turns: a string is one user turn; a list is any turns ending with a user's."""
+        if isinstance(value, str):
+            return [{"role": "user", "content": value}]
+        roles = [m.get("role") for m in value]
+        if not all(isinstance(m.get("content"), str) for m in value) or not set(roles) <= set(ROLES) \
+                or roles[-1] != "user":
+            raise DataError(f"Data file {str(path)!r}: {where} prompt messages must be turns with roles among "
+                            f"{', '.join(ROLES)} and string content, the last one a user turn (got roles {roles})")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
 
     def _completion(self, value: str | list, key: str, path: Path, where: str) -> str:
         if isinstance(value, list):
@@ -142,7 +169,7 @@ class Preference(DataModule):
                             "two real responses; fill it in or drop the record")
         return value
 
-    def _load_and_tokenize(self, path: Path, tokenizer: Tokenizer, style: PromptStyle,
+    def _load_and_tokenize(self, path: Path, tokenizer: Tokenizer, style: PromptStyle | None,
                            max_seq_length: int | None) -> list[Sample]:
         records = load_json_records(path)
         if not records:
@@ -158,12 +185,25 @@ class Preference(DataModule):
             prompt = self._text(record, self.prompt_key, "prompt_key", path, where, "user")
             chosen = self._text(record, self.chosen_key, "chosen_key", path, where, "assistant")
             rejected = self._text(record, self.rejected_key, "rejected_key", path, where, "assistant")
-            prompt_ids = tokenizer.encode(self._render_prompt(prompt, style, path, where), bos=tokenizer.use_bos).long()
-            ids = [tokenizer.encode(self._completion(c, k, path, where), bos=False, eos=self.add_eos).long()
-                   for c, k in ((chosen, self.chosen_key), (rejected, self.rejected_key))]
+            if style is None:
+                messages = self._prompt_messages(prompt, path, where)
+            else:
+                prompt_ids = tokenizer.encode(self._render_prompt(prompt, style, path, where), bos=tokenizer.use_bos)
+            replies = [self._completion(c, k, path, where) for c, k in ((chosen, self.chosen_key),
+                                                                        (rejected, self.rejected_key))]
+            if style is None:
+                try:
+                    prompt_ids, ids = templated_pair(tokenizer, messages, replies)
+                except LitftError as e:  # the template's refusal, located
+                    raise type(e)(f"Data file {str(path)!r}: {where}: {e}") from None
+            else:
+                ids = [tokenizer.encode(r, bos=False, eos=self.add_eos) for r in replies]
+            prompt_ids, ids = prompt_ids.long(), [i.long() for i in ids]
             full = len(prompt_ids) + max(len(i) for i in ids)
             if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
-                keep_bos = int(bool(tokenizer.use_bos))  # the prompt's end survives, and its BOS
+                # the prompt's end survives, and its BOS (a template writes its own)
+                keep_bos = int(bool(tokenizer.use_bos)) if style is not None else int(
+                    tokenizer.bos_id is not None and int(prompt_ids[0]) == tokenizer.bos_id)
                 prompt_ids = torch.cat([prompt_ids[:keep_bos], prompt_ids[len(prompt_ids) - self.max_prompt_length
                                                                           + keep_bos:]])
             if max_seq_length is not None:
@@ -199,4 +239,30 @@ class Preference(DataModule):
         return samples
 
 
-__all__ = ["Preference"]
+def templated_pair(tokenizer: Tokenizer, messages: list[dict[str, str]],
+                   replies: list[str]) -> tuple[Tensor, list[Tensor]]:
+    """(prompt ids, [completion ids, one per reply]) by the checkpoint's chat template.
+
+    The prompt is `apply_chat_template(messages, add_generation_prompt=True)`; a completion is the reply's assistant
+    span in the rendering of messages + reply (conversation.assistant_token_spans: it starts where the prompt's
+    rendering ends and stops after the turn's end-of-turn token). A token straddling the edge (reply text merged
+    into the prompt's last token) is the reply's, so the shared prompt is the part every rendering begins with."""
+    prompt_text = tokenizer.render_chat(messages, add_generation_prompt=True)
+    rows = []
+    for reply in replies:
+        turns = messages + [{"role": "assistant", "content": reply}]
+        if not tokenizer.render_chat(turns).startswith(prompt_text):
+            raise DataError("the chat template renders the prompt differently once a reply follows it, so the "
+                            "reply cannot be found by rendering; pick a hand-written style (--data.prompt_style "
+                            "chatml, ...)")
+        ids, spans = assistant_token_spans(tokenizer, turns)
+        start, end = spans[-1]
+        if end <= start:
+            raise DataError("the chat template renders nothing of the reply; check the template or the record")
+        rows.append((ids, start, end))
+    shared = min(start for _, start, _ in rows)  # ids[:shared] is the prompt's rendering in every row
+    prompt_ids = torch.tensor(rows[0][0][:shared], dtype=torch.long)
+    return prompt_ids, [torch.tensor(ids[shared:end], dtype=torch.long) for ids, _, end in rows]
+
+
+__all__ = ["Preference", "templated_pair"]
