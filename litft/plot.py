@@ -23,10 +23,7 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float], list[
     files = sorted(root.rglob("events.out.tfevents.*"), key=lambda p: (p.stat().st_mtime, str(p)))
     if not files:
         return read_csv_scalars(run_dir, root, tag)
-    loggers = sorted({str(f.parent.parent) for f in files})  # .../tensorboard/version_N/events.*: one per run
-    if len(loggers) > 1:
-        raise LitftError(f"{run_dir} holds the logs of several runs ({', '.join(loggers[:3])}, ...): pass each "
-                         "run directory, e.g. litft plot out/methods/*")
+    check_one_run(run_dir, files)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points: dict[int, float] = {}
@@ -41,6 +38,15 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float], list[
     return steps, [points[s] for s in steps], sorted(tags)
 
 
+def check_one_run(run_dir: Path, files: list[Path]) -> None:
+    """Log files of one run only: .../<logger>/version_N/<file>, one logger directory per run (its versions are
+    one run resumed)."""
+    loggers = sorted({str(f.parent.parent) for f in files})
+    if len(loggers) > 1:
+        raise LitftError(f"{run_dir} holds the logs of several runs ({', '.join(loggers[:3])}, ...): pass each "
+                         "run directory, e.g. litft plot out/methods/*")
+
+
 def read_csv_scalars(run_dir: Path, root: Path, tag: str) -> tuple[list[int], list[float], list[str]]:
     """The same from Lightning's CSVLogger files (a header of metric names, one row per log call, empty cells
     for the metrics that call did not log)."""
@@ -48,10 +54,7 @@ def read_csv_scalars(run_dir: Path, root: Path, tag: str) -> tuple[list[int], li
     if not files:
         raise LitftError(f"{run_dir}: no TensorBoard event files or CSV logs (was it run with --logger_name "
                          "tensorboard or csv?)")
-    loggers = sorted({str(f.parent.parent) for f in files})
-    if len(loggers) > 1:
-        raise LitftError(f"{run_dir} holds the logs of several runs ({', '.join(loggers[:3])}, ...): pass each "
-                         "run directory, e.g. litft plot out/methods/*")
+    check_one_run(run_dir, files)
     points: dict[int, float] = {}
     tags: set[str] = set()
     for f in files:
