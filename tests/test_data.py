@@ -500,3 +500,12 @@ def test_jsonargparse_builds_data_modules(tokenizer, tmp_path):
     cfg = parser.parse_args(["--data", "Alpaca", "--data.json_path", str(path), "--data.val_split_fraction", "0.5"])
     data = parser.instantiate(cfg).data
     assert isinstance(data, Alpaca) and data.val_split_fraction == 0.5 and data.prompt_style == "alpaca"
+
+
+def test_one_sample_and_no_validation_file_is_one_error(tokenizer, tmp_path):
+    data = JSON(json_path=write_json(tmp_path / "one.json", make_records(1)))
+    with pytest.raises(DataError, match=r"only 1 sample\(s\), too few to split .* --data.val_json_path"):
+        data.setup(tokenizer, max_seq_length=256)
+    data = JSON(json_path=write_json(tmp_path / "one.json", make_records(1)), val_json_path=tmp_path / "one.json")
+    data.setup(tokenizer, max_seq_length=256)  # a separate validation file: nothing to split
+    assert len(data.train_dataset) == 1 and len(data.val_dataset) == 1

@@ -18,7 +18,7 @@ import torch
 
 from litft.chat_template import ROLES
 from litft.data.base import DataError, DataModule, Sample, SFTDataset
-from litft.data.json_data import _where, load_json_records, pack_samples, train_test_split
+from litft.data.json_data import _where, load_json_records, pack_samples, split_off_validation
 from litft.data.prompts import PromptStyle, resolve_prompt_style
 from litft.utils import LitftError
 
@@ -222,11 +222,8 @@ def setup_conversations(data: DataModule, tokenizer: Tokenizer, train: list[tupl
         raise DataError("packing=True needs a positive max_seq_length to pack into.")
     data.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     style = resolve_prompt_style(data.prompt_style, tokenizer)
-    if val is None:
-        if len(train) < 2:
-            raise DataError(f"{source} has only {len(train)} conversation(s), too few to split into train and "
-                            "validation. Add conversations or pass a separate validation file.")
-        train, val = train_test_split(train, data.val_split_fraction, seed)
+    train, val = split_off_validation(train, val, data.val_split_fraction, seed, source, unit="conversation",
+                                      hint="pass a separate validation file")
 
     def build(items: list[tuple[list[dict[str, str]], str]], last_turn_only: bool) -> list[Sample]:
         samples, truncated = [], 0

@@ -173,6 +173,17 @@ def train_test_split(items: Sequence[T], val_fraction: float, seed: int) -> tupl
     return [items[i] for i in train_idx], [items[i] for i in val_idx]
 
 
+def split_off_validation(train: list[T], val: list[T] | None, val_fraction: float, seed: int, source: str,
+                         unit: str = "sample", hint: str = "pass a separate --data.val_json_path") -> tuple[list[T], list[T]]:
+    """(train, val): `val` when given, else a seeded `val_fraction` of `train` (one error when there are too few)."""
+    if val is not None:
+        return train, val
+    if len(train) < 2:
+        raise DataError(f"{source} has only {len(train)} {unit}(s), too few to split into train and validation. "
+                        f"Add {unit}s or {hint}.")
+    return train_test_split(train, val_fraction, seed)
+
+
 def pack_samples(samples: Sequence[Sample], max_seq_length: int) -> list[Sample]:
     """Pack samples into sequences of at most max_seq_length tokens (best-fit decreasing).
 
@@ -288,15 +299,9 @@ class JSON(DataModule):
 
         self.num_truncated = 0
         train = self._load_and_tokenize(self.json_path, tokenizer, style, max_seq_length)
-        if self.val_json_path is not None:
-            val = self._load_and_tokenize(self.val_json_path, tokenizer, style, max_seq_length)
-        else:
-            if len(train) < 2:
-                raise DataError(
-                    f"Data file {str(self.json_path)!r} has only {len(train)} sample, too few to split into train "
-                    "and validation. Add samples or pass a separate --data.val_json_path."
-                )
-            train, val = train_test_split(train, self.val_split_fraction, seed)
+        val = (None if self.val_json_path is None
+               else self._load_and_tokenize(self.val_json_path, tokenizer, style, max_seq_length))
+        train, val = split_off_validation(train, val, self.val_split_fraction, seed, f"Data file {str(self.json_path)!r}")
 
         if self.packing:
             assert max_seq_length is not None

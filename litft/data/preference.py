@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from torch import Tensor
 from litft.chat_template import ROLES
 from litft.data.base import DataError, DataModule, Sample, SFTDataset, collate
 from litft.data.conversation import assistant_token_spans
-from litft.data.json_data import _where, load_json_records, train_test_split
+from litft.data.json_data import _where, load_json_records, split_off_validation
 from litft.data.prompts import PromptStyle, resolve_prompt_style
 from litft.utils import LitftError
 
@@ -101,13 +101,10 @@ class Preference(DataModule):
         style = resolve_prompt_style(self.prompt_style, tokenizer)  # None: the checkpoint's chat template
         self.num_truncated = 0
         train = self._load_and_tokenize(self.json_path, tokenizer, style, max_seq_length)
-        if self.val_json_path is not None:
-            val = self._load_and_tokenize(self.val_json_path, tokenizer, style, max_seq_length)
-        else:
-            if len(train) < 2:
-                raise DataError(f"Data file {str(self.json_path)!r} has only {len(train)} pair, too few to split into "
-                                "train and validation. Add pairs or pass a separate --data.val_json_path.")
-            train, val = train_test_split(train, self.val_split_fraction, seed)
+        val = (None if self.val_json_path is None
+               else self._load_and_tokenize(self.val_json_path, tokenizer, style, max_seq_length))
+        train, val = split_off_validation(train, val, self.val_split_fraction, seed,
+                                          f"Data file {str(self.json_path)!r}", unit="pair")
         for split in (train, val):  # the index of each pair in its split: the key of a cached reference
             for i, sample in enumerate(split):
                 sample["pair_index"] = torch.tensor(i)
