@@ -37,7 +37,7 @@ def chat_files() -> dict[str, str]:
 
 def test_committed_chat_data_is_generated_from_the_demo_split():
     for name, text in chat_files().items():
-        assert (DATA / name).read_text(encoding="utf-8") == text, f"regenerate: python -m tests.test_chat_demo"
+        assert (DATA / name).read_text(encoding="utf-8") == text, "regenerate: python -m tests.test_chat_demo"
     test_words = {json.dumps(m) for c in json.loads(chat_files()["chat_test.json"]) for m in c["messages"]}
     train_words = {json.dumps(m) for c in json.loads(chat_files()["chat_train.json"]) for m in c["messages"]
                    if m["role"] == "user"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from litft.checkpoint import expected_shapes, load_model, load_state_dict

@@ -21,7 +21,6 @@ from litft.models.config import Config
 from litft.tokenizer import Tokenizer
 from litft.utils import LitftError
 from tests.helpers import make_checkpoint
-from tests.test_model import make_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 REPO = Path(__file__).resolve().parents[1]
@@ -327,8 +326,6 @@ def test_llama3_rope_factors_and_linear_scaling(tmp_path):
                    original_max_position_embeddings=64)
     config = Config(n_embd=256, n_head=2, rope_theta=500000.0, rope_scaling=scaling)
     hf = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters={"rope_theta": 500000.0, **scaling})
-    hf_default = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters={"rope_theta": 500000.0,
-                                                                                      "rope_type": "default"})
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf)
     plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
     factors = llama3_rope_factors(config)

@@ -3,7 +3,6 @@ what backward keeps (the r-dim projection, not x), A frozen through training, an
 `create_lorafa_optimizer`."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,6 @@ in eval, the hook gone after every step, deterministic generation after training
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
