@@ -22,13 +22,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: benchmarks.child, litft
+
+from benchmarks.child import run_child  # noqa: E402
+
+CHILD_MODULE = "benchmarks.dpo_memory"
 SHAPE = "SmolLM2-135M"
 CONTENDERS = ("sft", "dpo", "dpo+init")
 
@@ -101,16 +105,6 @@ def child_main() -> None:
         print(json.dumps(child_step(rest[0], kind, int(rest[1]), int(rest[2]), int(rest[3]))))
 
 
-def run_child(threads: int, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    code = f"import torch; torch.set_num_threads({threads}); import sys; sys.argv = {['x', *args]!r}; " \
-           "from benchmarks.dpo_memory import child_main; child_main()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
-    if out.returncode:
-        sys.exit(f"child {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=256)
@@ -123,11 +117,11 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="dpo-memory-"))
     ckpt = root / SHAPE
     if not (ckpt / "model_config.yaml").is_file():
-        run_child(args.threads, "write", str(ckpt))
+        run_child(CHILD_MODULE, args.threads, "write", str(ckpt))
     runs: dict[str, list[dict]] = {k: [] for k in CONTENDERS}
     for _ in range(args.repeats):
         for k in CONTENDERS:
-            runs[k].append(run_child(args.threads, k, str(ckpt), str(args.seq), str(args.pairs), str(args.steps)))
+            runs[k].append(run_child(CHILD_MODULE, args.threads, k, str(ckpt), str(args.seq), str(args.pairs), str(args.steps)))
     res = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for k, rs in runs.items()}
     print(f"{SHAPE} shape, LoRA r=16 on all linear layers, fp32, {2 * args.pairs} rows x {args.seq} tokens "
           f"({args.pairs} pairs for DPO), {args.threads} thread(s); medians of {args.repeats} alternating runs, "

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: benchmarks.child, litft
+
+from benchmarks.child import run_child  # noqa: E402
+
+CHILD_MODULE = "benchmarks.method_memory"
 SMOL = "SmolLM2-135M"
 
 
@@ -101,16 +104,6 @@ def child_step(ckpt: str, method_name: str, seq: int, batch: int) -> dict:
             "after_load": after_load, "peak": kib("VmHWM"), "saved": saved}
 
 
-def run_child(threads: int, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    code = f"import torch; torch.set_num_threads({threads}); import sys; sys.argv = {['x', *args]!r}; " \
-           "from benchmarks.method_memory import child_main; child_main()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
-    if out.returncode:
-        sys.exit(f"child {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def child_main() -> None:
     kind, *rest = sys.argv[1:]
     if kind == "write":
@@ -136,14 +129,14 @@ def main() -> None:
         ["vera"] if "vera" in METHODS else [])
     with tempfile.TemporaryDirectory(prefix="litft-method-memory-") as tmp:
         ckpt = Path(tmp) / "model"
-        run_child(args.threads, "write", str(ckpt), "tiny" if args.tiny else "full")
+        run_child(CHILD_MODULE, args.threads, "write", str(ckpt), "tiny" if args.tiny else "full")
         shape = f"{SMOL} shape{' (tiny: 2 layers, vocab 4096)' if args.tiny else ''}"
         print(f"One training step, {shape}, fp32, batch {args.batch} x seq {args.seq}, {args.threads} thread(s)")
         print(f"{'method':<10}{'trainable':>14}{'RSS after load':>17}{'peak RSS (2 steps)':>21}"
               f"{'peak - load':>14}{'saved activations':>20}")
         res = {}
         for name in methods:
-            r = res[name] = run_child(args.threads, "step", str(ckpt), name, str(args.seq), str(args.batch))
+            r = res[name] = run_child(CHILD_MODULE, args.threads, "step", str(ckpt), name, str(args.seq), str(args.batch))
             print(f"{name:<10}{r['trainable']:>14,}{r['after_load'] / 1e6:>14.1f} MB{r['peak'] / 1e6:>18.1f} MB"
                   f"{(r['peak'] - r['after_load']) / 1e6:>11.1f} MB{r['saved'] / 1e6:>17.1f} MB")
     if "lora" in res and "lora_fa" in res:

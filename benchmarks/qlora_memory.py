@@ -27,13 +27,17 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: benchmarks.child, litft
+
+from benchmarks.child import run_child  # noqa: E402
+
+CHILD_MODULE = "benchmarks.qlora_memory"
 SMOL = "SmolLM2-135M"
 ONE_B = "Llama-3.2-1B"
 MODES = ["bnb.int8", "bnb.nf4", "bnb.nf4-dq"]
@@ -168,16 +172,6 @@ def child_load(ckpt: str, mode: str) -> dict:
     return res
 
 
-def run_child(threads: int, *args: str, env: dict[str, str] | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), **(env or {})}
-    code = f"import torch; torch.set_num_threads({threads}); import sys; sys.argv = {['x', *args]!r}; " \
-           "from benchmarks.qlora_memory import child_main; child_main()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
-    if out.returncode:
-        sys.exit(f"child {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def child_main() -> None:
     kind, *rest = sys.argv[1:]
     if kind == "write":
@@ -197,7 +191,7 @@ def mb(n: float) -> str:
 
 
 def print_bytes(args, smol: Path) -> None:
-    b = run_child(args.threads, "bytes", str(smol))
+    b = run_child(CHILD_MODULE, args.threads, "bytes", str(smol))
     bf16, lin32, emb32 = b["bf16"]["total"], b["linear_fp32"], b["embedding_fp32"]
     print(f"\n1. Base weights of the {SMOL} shape (quantized: the 210 Linear layers, + embedding: the embedding "
           "= tied head too; the rest in bf16)")
@@ -233,7 +227,7 @@ def print_steps(args, smol: Path) -> None:
         runs: dict[str, list[dict]] = {"lora": [], "qlora": []}
         for _ in range(args.repeats):
             for m in runs:
-                runs[m].append(run_child(args.threads, "step", str(smol), m, str(args.seq), str(args.batch),
+                runs[m].append(run_child(CHILD_MODULE, args.threads, "step", str(smol), m, str(args.seq), str(args.batch),
                                          str(args.steps), env=env))
         res = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
         for m, r in res.items():
@@ -249,10 +243,10 @@ def print_1b(args, root: Path) -> None:
     big = root / "llama-3.2-1b-bf16"
     if not (big / "model_config.yaml").is_file():
         t0 = time.perf_counter()
-        run_child(args.threads, "write", ONE_B, str(big), "bfloat16")
+        run_child(CHILD_MODULE, args.threads, "write", ONE_B, str(big), "bfloat16")
         print(f"\n(wrote a random {ONE_B} checkpoint in {time.perf_counter() - t0:.0f} s)")
     size = (big / "model.safetensors").stat().st_size
-    r = run_child(args.threads, "load", str(big), "bnb.nf4")
+    r = run_child(CHILD_MODULE, args.threads, "load", str(big), "bnb.nf4")
     print(f"\n3. Loading the {ONE_B} shape ({size / 2 / 1e9:.2f} B parameters, bf16 checkpoint "
           f"{size / 1e9:.2f} GB) with quantize=bnb.nf4, unquantized parts kept in bf16")
     print(f"process RSS before loading {mb(r['before'])}, peak while loading {mb(r['load_peak'])}, after "
@@ -285,7 +279,7 @@ def main() -> None:
     try:
         smol = root / "smollm2-135m-fp32"
         if parts & {1, 2} and not (smol / "model_config.yaml").is_file():
-            run_child(args.threads, "write", SMOL, str(smol), "float32")
+            run_child(CHILD_MODULE, args.threads, "write", SMOL, str(smol), "float32")
         if 1 in parts:
             print_bytes(args, smol)
         if 2 in parts:
