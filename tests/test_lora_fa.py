@@ -193,15 +193,8 @@ def test_cli_refuses_loraplus_before_any_model_loads():
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(ckpt, task, tmp_path):
     """Two DDP processes (gloo) train the B one process trains on the same global batch, A frozen on both."""
-    from tests.test_train import litft_cmd
+    from tests.test_train import ddp_matches_one_process
 
-    one = litft_cmd(*common_args(ckpt, task, tmp_path / "one", method="lora_fa"), "--dropout", "0.0")
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = litft_cmd(*common_args(ckpt, task, tmp_path / "two", method="lora_fa"), "--dropout", "0.0",
-                    "--devices", "2", "--strategy", "ddp")
-    assert two.returncode == 0, two.stderr[-2000:]
-    a = load_state_dict_file(tmp_path / "one" / "final" / "adapter.safetensors")
-    b = load_state_dict_file(tmp_path / "two" / "final" / "adapter.safetensors")
-    assert a.keys() == b.keys() and any(k.endswith("lora_B") and a[k].abs().max() > 0 for k in a)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    a = ddp_matches_one_process(lambda out: [*common_args(ckpt, task, out, method="lora_fa"), "--dropout", "0.0"],
+                                tmp_path)
+    assert any(k.endswith("lora_B") and a[k].abs().max() > 0 for k in a)
