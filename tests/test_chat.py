@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from litft.generate import main as generate_main
 from litft.models.config import Config
 from litft.tokenizer import Tokenizer
 from tests.chat_fixtures import write_chat_tokenizer
-from tests.helpers import make_checkpoint
+from tests.helpers import chat_in_tmux, chat_replies, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,35 +99,12 @@ def test_litft_chat_in_tmux(chat_ckpt, tmp_path):
     _, ids, stops = chat_prompt(tok, "hello there")
     want = tok.decode(generate(load_model(chat_ckpt), ids, 20, eos_ids=tok.eos_ids, stop_sequences=stops)[ids.numel():],
                       skip_special_tokens=True).strip()
-    session = f"litft-chat-test-{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = f"cd {ROOT} && {sys.executable} -m litft.cli chat {chat_ckpt} --max_new_tokens 20; echo CHAT-ENDED; sleep 30"
-    tmux = ["tmux", "-L", session]
-    subprocess.run(tmux + ["new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True, env=env)
-
-    def pane() -> str:
-        return subprocess.run(tmux + ["capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
-
-    def wait_for(text: str, count: int = 1, timeout: float = 120) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if pane().count(text) >= count:
-                return pane()
-            time.sleep(0.3)
-        raise AssertionError(f"{text!r} did not appear; the pane shows:\n{pane()}")
-
-    try:
-        wait_for(">> You:")
-        subprocess.run(tmux + ["send-keys", "-t", session, "hello there", "Enter"], check=True)
-        wait_for(">> You:", 2)
-        subprocess.run(tmux + ["send-keys", "-t", session, "/reset", "Enter"], check=True)
-        wait_for("(new conversation)")
-        subprocess.run(tmux + ["send-keys", "-t", session, "/exit", "Enter"], check=True)
-        screen = wait_for("CHAT-ENDED")
-    finally:
-        subprocess.run(tmux + ["kill-server"], capture_output=True)
-    reply = screen.split(">> Model:", 1)[1].split(">> You:", 1)[0]
-    assert " ".join(reply.split()) == " ".join(want.split()) and want
+    screen = chat_in_tmux(f"cd {ROOT} && {sys.executable} -m litft.cli chat {chat_ckpt} --max_new_tokens 20",
+                          ["hello there", "/reset", "/exit"], env)
+    assert "(new conversation)" in screen
+    reply = chat_replies(screen)[0]
+    assert reply == " ".join(want.split()) and want
 
 
 def test_chat_through_an_unmerged_adapter_equals_the_merged_model(chat_ckpt, tmp_path, monkeypatch, capsys,
@@ -157,5 +132,54 @@ def test_chat_through_an_unmerged_adapter_equals_the_merged_model(chat_ckpt, tmp
     reply = capsys.readouterr().out.split(">> Model: ", 1)[1].split("\n")[0]
     merged = merge_lora(tmp_path / "run" / "final")
     want = generate_main(merged, prompt="hello there", max_new_tokens=20, temperature=0)
+    assert reply.strip() == want.strip()
+    assert want != generate_main(chat_ckpt, prompt="hello there", max_new_tokens=20, temperature=0)  # it learnt
+
+
+def test_chat_through_a_qlora_adapter_keeps_the_base_quantized(chat_ckpt, tmp_path, monkeypatch, capsys, one_thread):
+    """`litft chat --adapter_dir` on a QLoRA run (NF4 base, on CPU through bitsandbytes): the model it chats with
+    keeps every base Linear 4-bit (bnb Linear4bit, NF4 codes packed two per uint8), and its reply is what
+    `litft generate --adapter_dir` gives on the same run with the same template framing (greedy), not the base's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import json
+
+    import litft.chat
+    from litft.chat import chat
+    from litft.data import Conversations
+    from litft.methods.qlora import QLoRA
+    from litft.train import EvalArgs, TrainArgs, finetune
+
+    convs = [{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "five"}]}] * 8
+    (tmp_path / "c.json").write_text(json.dumps(convs))
+    final = tmp_path / "run" / "final"
+    finetune(QLoRA(checkpoint_dir=chat_ckpt, quantize="bnb.nf4", lr=3e-2),
+             Conversations(tmp_path / "c.json", val_split_fraction=0.25), tmp_path / "run",
+             TrainArgs(global_batch_size=4, micro_batch_size=4, max_steps=8, max_seq_length=256),
+             EvalArgs(interval=0, initial_validation=False, max_new_tokens=4), logger_name="none")
+    chatted_with = []
+    session = litft.chat.run_session
+
+    def recording_session(model, *args, **kwargs):  # the real session; only notes which model it was given
+        chatted_with.append(model)
+        return session(model, *args, **kwargs)
+
+    monkeypatch.setattr(litft.chat, "run_session", recording_session)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n/exit\n"))
+    chat(chat_ckpt, adapter_dir=final, max_new_tokens=20)
+    reply = capsys.readouterr().out.split(">> Model: ", 1)[1].split("\n")[0]
+
+    (model,) = chatted_with
+    four_bit = {name.removesuffix(".base_layer") for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit == {f"blocks.{i}.{m}" for i in range(2) for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                                       "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                                       "mlp.down_proj")}
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = m.weight
+            assert type(w) is bnb.nn.Params4bit and w.dtype == torch.uint8 and w.quant_state.quant_type == "nf4"
+            assert w.numel() * 2 == m.in_features * m.out_features  # packed, never dequantized back
+
+    want = generate_main(chat_ckpt, prompt="hello there", max_new_tokens=20, temperature=0, adapter_dir=final)
     assert reply.strip() == want.strip()
     assert want != generate_main(chat_ckpt, prompt="hello there", max_new_tokens=20, temperature=0)  # it learnt
