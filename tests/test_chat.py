@@ -170,7 +170,8 @@ def test_chat_through_a_qlora_adapter_keeps_the_base_quantized(chat_ckpt, tmp_pa
     reply = capsys.readouterr().out.split(">> Model: ", 1)[1].split("\n")[0]
 
     (model,) = chatted_with
-    four_bit = {name.removesuffix(".base_layer") for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    four_bit = {name.removesuffix(".base_layer") for name, m in model.named_modules()
+                if isinstance(m, bnb.nn.Linear4bit)}
     assert four_bit == {f"blocks.{i}.{m}" for i in range(2) for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj",
                                                                        "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                                        "mlp.down_proj")}
