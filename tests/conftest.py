@@ -41,7 +41,7 @@ class SharedRuns:
     process; on two DDP processes), and every launch costs each of its processes seconds of imports."""
 
     def __init__(self, root: Path):
-        self.root, self.outs = root, {}
+        self.root, self.outs, self.attempts = root, {}, 0
         self.ckpt = make_checkpoint(root / "ckpt")
         self.task = make_task(root / "task.json", n=96)
 
@@ -53,7 +53,8 @@ class SharedRuns:
 
         key = (method, *extra)
         if key not in self.outs:
-            out = self.root / f"run-{len(self.outs)}"
+            self.attempts += 1  # a run that failed (and failed its test) leaves its directory: the next try gets another
+            out = self.root / f"run-{self.attempts}"
             args = train_args(self.ckpt, self.task, out, method, 3, *extra)
             if "--devices" in extra:
                 r = litft(*args)
