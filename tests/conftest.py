@@ -53,7 +53,7 @@ class SharedRuns:
 
         key = (method, *extra)
         if key not in self.outs:
-            self.attempts += 1  # a run that failed (and failed its test) leaves its directory: the next try gets another
+            self.attempts += 1  # a failed run (its test failed) leaves its directory: a retry gets another
             out = self.root / f"run-{self.attempts}"
             args = train_args(self.ckpt, self.task, out, method, 3, *extra)
             if "--devices" in extra:
