@@ -20,26 +20,11 @@ from litft import utils
 from litft.cli import run
 from litft.train import prune_step_dirs, read_resume_checkpoint, step_dirs
 from litft.utils import LitftError, SaveError, write_dir_atomically
-from tests.test_train import REPO, common_args, litft_cmd, load_state_dict_file
+from tests.test_train import REPO, common_args, litft_cmd, litft_main, load_state_dict_file
 
 
 def lora_args(ckpt: Path, task: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [*common_args(ckpt, task, out, steps=steps), "--dropout", "0.1", "--train.save_interval", "1", *extra]
-
-
-def litft_here(capsys, *args: str) -> tuple[int, str, str]:
-    """`litft *args` (one process) through the console entry point, in this process: (exit code, stdout, stderr).
-    A `litft` subprocess would spend seconds re-importing Lightning to print one error line."""
-    from litft.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_version(d: Path, version: int) -> None:
@@ -153,7 +138,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(ckpt, task, tmp_pa
     # room for the run's files and one checkpoint and a half: step-1 fits, the new step-2 beside it does not
     mnt = small_tmpfs(dir_bytes(probe) - dir_bytes(probe / "final") + one_ckpt // 2 + 8192)
     out = mnt / "out"
-    code, _, stderr = litft_here(capsys, *lora_args(ckpt, task, out, 3))
+    code, _, stderr = litft_main(capsys, *lora_args(ckpt, task, out, 3))
     assert code == 1, stderr[-2000:]
     lines = [line for line in stderr.splitlines() if line.startswith("litft:")]
     assert lines == [f"litft: error: disk full while writing {out / 'step-2'} (No space left on device); the previous "
@@ -300,7 +285,7 @@ def damaged_copy(two_steps: Path, tmp_path: Path, damage: str) -> Path:
 def test_a_damaged_step_is_one_error_naming_the_file(damage, two_steps, ckpt, task, tmp_path, capsys):
     out = damaged_copy(two_steps, tmp_path, damage)
     bad = out / "step-2" / ("adapter.safetensors" if damage == "adapter" else "state.pt")
-    code, _, stderr = litft_here(capsys, *lora_args(ckpt, task, tmp_path / "new", 2), "--resume", str(out / "step-2"))
+    code, _, stderr = litft_main(capsys, *lora_args(ckpt, task, tmp_path / "new", 2), "--resume", str(out / "step-2"))
     assert code == 1, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("litft:")]
@@ -360,7 +345,7 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_loading(case, ckpt,
             bad.chmod(0o500)
         out, expect = bad / "out", "is not writable"
     try:
-        code, stdout, stderr = litft_here(capsys, *common_args(ckpt, task, out, steps=1))
+        code, stdout, stderr = litft_main(capsys, *common_args(ckpt, task, out, steps=1))
         assert code == 1
         assert f"litft: error: out_dir {out}: " in stderr and expect in stderr, stderr[-2000:]
         assert "Traceback" not in stderr and "trainable" not in stdout  # refused before the model

@@ -15,7 +15,7 @@ import torch
 
 from litft.cli import run
 from litft.train import read_resume_checkpoint, step_dirs
-from tests.test_train import REPO, common_args, load_state_dict_file
+from tests.test_train import REPO, common_args, litft_main, load_state_dict_file
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 WEIGHTS = {"lora": "adapter.safetensors", "dora": "adapter.safetensors", "qlora": "adapter.safetensors",
@@ -32,17 +32,14 @@ def litft_here(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     stops the run before any process or worker starts (a subprocess would spend seconds on imports to print one
     line); a run that gets as far as starting fails the test rather than launch processes from inside pytest."""
     import litft.train
-    from litft.cli import main
 
     def started(*_, **__) -> None:
         raise AssertionError("the run started: nothing stopped it")
 
     monkeypatch.setattr(litft.train, "run_fabric", started)
     monkeypatch.setattr(litft.train, "launch_ray", started)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    return exit_.value.code, capsys.readouterr().err
+    code, _, err = litft_main(capsys, *args)
+    return code, err
 
 
 def trained(out: Path, method: str) -> dict[str, torch.Tensor]:
