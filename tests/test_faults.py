@@ -20,7 +20,7 @@ from litft import utils
 from litft.cli import run
 from litft.train import prune_step_dirs, read_resume_checkpoint, step_dirs
 from litft.utils import LitftError, SaveError, write_dir_atomically
-from tests.test_train import REPO, common_args, litft_cmd, load_state_dict_file
+from tests.test_train import REPO, common_args, litft_cmd, litft_main, load_state_dict_file
 
 
 def lora_args(ckpt: Path, task: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -131,19 +131,19 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(ckpt, task, tmp_path, small_tmpfs):
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(ckpt, task, tmp_path, small_tmpfs, capsys):
     probe = tmp_path / "probe"
     run(lora_args(ckpt, task, probe, 1))
     one_ckpt = dir_bytes(probe / "step-1")
     # room for the run's files and one checkpoint and a half: step-1 fits, the new step-2 beside it does not
     mnt = small_tmpfs(dir_bytes(probe) - dir_bytes(probe / "final") + one_ckpt // 2 + 8192)
     out = mnt / "out"
-    result = litft_cmd(*lora_args(ckpt, task, out, 3))
-    assert result.returncode == 1, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("litft:")]
+    code, _, stderr = litft_main(capsys, *lora_args(ckpt, task, out, 3))
+    assert code == 1, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("litft:")]
     assert lines == [f"litft: error: disk full while writing {out / 'step-2'} (No space left on device); the previous "
-                     f"checkpoint {out / 'step-1'} is intact; free space and rerun with --resume true"], result.stderr
-    assert "Traceback" not in result.stderr
+                     f"checkpoint {out / 'step-1'} is intact; free space and rerun with --resume true"], stderr
+    assert "Traceback" not in stderr
     read_resume_checkpoint(out / "step-1", "adapter.safetensors")  # complete and loadable
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "step-1"]  # the partial step-2 is gone
 
@@ -282,14 +282,14 @@ def damaged_copy(two_steps: Path, tmp_path: Path, damage: str) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["hostile", "truncated", "adapter", "not_a_state"])
-def test_a_damaged_step_is_one_error_naming_the_file(damage, two_steps, ckpt, task, tmp_path):
+def test_a_damaged_step_is_one_error_naming_the_file(damage, two_steps, ckpt, task, tmp_path, capsys):
     out = damaged_copy(two_steps, tmp_path, damage)
     bad = out / "step-2" / ("adapter.safetensors" if damage == "adapter" else "state.pt")
-    result = litft_cmd(*lora_args(ckpt, task, tmp_path / "new", 2), "--resume", str(out / "step-2"))
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("litft:")]
-    assert len(lines) == 1 and lines[0].startswith(f"litft: error: {bad}: "), result.stderr[-2000:]
+    code, _, stderr = litft_main(capsys, *lora_args(ckpt, task, tmp_path / "new", 2), "--resume", str(out / "step-2"))
+    assert code == 1, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("litft:")]
+    assert len(lines) == 1 and lines[0].startswith(f"litft: error: {bad}: "), stderr[-2000:]
     assert {"hostile": "cannot load the resume state", "truncated": "cannot load the resume state",
             "adapter": "cannot read safetensors file", "not_a_state": "not a litft resume state"}[damage] in lines[0]
     assert not MARKER.exists()
@@ -329,7 +329,7 @@ def test_an_out_dir_holding_a_run_is_refused_unless_resume_or_overwrite(two_step
 
 
 @pytest.mark.parametrize("case", ["file", "read_only"])
-def test_an_out_dir_that_cannot_be_written_is_refused_before_loading(case, ckpt, task, tmp_path):
+def test_an_out_dir_that_cannot_be_written_is_refused_before_loading(case, ckpt, task, tmp_path, capsys):
     if case == "file":
         bad = tmp_path / "out"
         bad.write_text("not a dir")
@@ -345,10 +345,10 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_loading(case, ckpt,
             bad.chmod(0o500)
         out, expect = bad / "out", "is not writable"
     try:
-        result = litft_cmd(*common_args(ckpt, task, out, steps=1))
-        assert result.returncode == 1
-        assert f"litft: error: out_dir {out}: " in result.stderr and expect in result.stderr, result.stderr[-2000:]
-        assert "Traceback" not in result.stderr and "trainable" not in result.stdout  # refused before the model
+        code, stdout, stderr = litft_main(capsys, *common_args(ckpt, task, out, steps=1))
+        assert code == 1
+        assert f"litft: error: out_dir {out}: " in stderr and expect in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr and "trainable" not in stdout  # refused before the model
         assert not out.exists()
     finally:
         if case == "read_only" and os.geteuid() == 0:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from litft.cli import run
 from litft.train import read_resume_checkpoint, step_dirs
-from tests.test_train import REPO, common_args, load_state_dict_file
+from tests.test_train import REPO, common_args, litft_main, load_state_dict_file
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 WEIGHTS = {"lora": "adapter.safetensors", "dora": "adapter.safetensors", "qlora": "adapter.safetensors",
@@ -24,6 +25,21 @@ WEIGHTS = {"lora": "adapter.safetensors", "dora": "adapter.safetensors", "qlora"
 def litft(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "litft.cli", *args], capture_output=True, text=True, env=ENV,
                           timeout=timeout, cwd=REPO)
+
+
+def litft_here(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`litft *args` through the console entry point, but in this process: (exit code, stderr). For an error that
+    stops the run before any process or worker starts (a subprocess would spend seconds on imports to print one
+    line); a run that gets as far as starting fails the test rather than launch processes from inside pytest."""
+    import litft.train
+
+    def started(*_, **__) -> None:
+        raise AssertionError("the run started: nothing stopped it")
+
+    monkeypatch.setattr(litft.train, "run_fabric", started)
+    monkeypatch.setattr(litft.train, "launch_ray", started)
+    code, _, err = litft_main(capsys, *args)
+    return code, err
 
 
 def trained(out: Path, method: str) -> dict[str, torch.Tensor]:
@@ -48,18 +64,15 @@ def train_args(ckpt: Path, task: Path, out: Path, method: str, steps: int = 3, *
     ("dora", ("--loraplus_lr_ratio", "4")),  # LoRA+ groups through DoRA; DoRA's magnitudes sharded as well
     ("full", ("--gradient_checkpointing", "true")),  # blocks recomputed in backward, inside their FSDP group
 ])
-def test_ddp_and_fsdp_on_two_processes_equal_one_process(method, extra, ckpt, task, tmp_path):
+def test_ddp_and_fsdp_on_two_processes_equal_one_process(method, extra, shared_runs):
     """Same seed, same global batch of 8: 1 process (2 accumulation steps of 4), and 2 gloo processes under DDP
-    (replicated) and FSDP2 (sharded) give the same trained weights, and final/ holds the same files."""
-    one = litft(*train_args(ckpt, task, tmp_path / "one", method, 3, *extra))
-    assert one.returncode == 0, one.stderr[-3000:]
+    (replicated) and FSDP2 (sharded) give the same trained weights, and final/ holds the same files. (The runs are
+    shared_runs' (conftest.py): test_train, test_ray and test_multinode compare against the LoRA ones too.)"""
+    one = shared_runs.train(method, *extra)
     for strategy in ("ddp", "fsdp"):
-        out = tmp_path / strategy
-        r = litft(*train_args(ckpt, task, out, method, 3, *extra), "--devices", "2", "--strategy", strategy)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert_same_weights(trained(tmp_path / "one", method), trained(out, method))
-        assert sorted(p.name for p in (out / "final").iterdir()) == sorted(
-            p.name for p in (tmp_path / "one" / "final").iterdir())
+        out = shared_runs.train(method, *extra, "--devices", "2", "--strategy", strategy)
+        assert_same_weights(trained(one, method), trained(out, method))
+        assert sorted(p.name for p in (out / "final").iterdir()) == sorted(p.name for p in (one / "final").iterdir())
 
 
 @pytest.mark.slow
@@ -84,8 +97,7 @@ def test_qlora_under_ddp_equals_one_process(tmp_path, task):
     from tests.helpers import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "ckpt", n_embd=128, intermediate_size=256)
-    one = litft(*train_args(ckpt, task, tmp_path / "one", "qlora", 3))
-    assert one.returncode == 0, one.stderr[-3000:]
+    run(train_args(ckpt, task, tmp_path / "one", "qlora", 3))  # in this process: no imports to pay
     two = litft(*train_args(ckpt, task, tmp_path / "two", "qlora", 3), "--devices", "2", "--strategy", "ddp")
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_weights(trained(tmp_path / "one", "qlora"), trained(tmp_path / "two", "qlora"))
@@ -136,7 +148,7 @@ def test_fsdp_kill_9_after_a_save_resumes_to_the_uninterrupted_weights(ckpt, tas
 
 # -- what cannot run -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["fsdp_qlora", "fsdp_lora_quantize", "too_many_devices", "fsdp_variant_on_cpu"])
-def test_what_fsdp_cannot_serve_is_one_clear_error(case, ckpt, task, tmp_path):
+def test_what_fsdp_cannot_serve_is_one_clear_error(case, ckpt, task, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     extra, expect = {
         "fsdp_qlora": (["--strategy", "fsdp", "--devices", "2"], "Use --strategy ddp"),
@@ -145,9 +157,9 @@ def test_what_fsdp_cannot_serve_is_one_clear_error(case, ckpt, task, tmp_path):
         "fsdp_variant_on_cpu": (["--strategy", "fsdp_cpu_offload"], "needs CUDA GPUs"),
     }[case]
     method = "qlora" if case == "fsdp_qlora" else "lora"
-    r = litft(*common_args(ckpt, task, out, method=method), *extra)
-    assert r.returncode == 1, r.stderr[-3000:]
-    lines = [line for line in r.stderr.splitlines() if line.startswith("litft: error:")]
-    assert len(lines) == 1 and expect in lines[0], r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
+    code, stderr = litft_here(monkeypatch, capsys, *common_args(ckpt, task, out, method=method), *extra)
+    assert code == 1, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("litft: error:")]
+    assert len(lines) == 1 and expect in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr
     assert not out.exists()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_fsdp import ENV, REPO, assert_same_weights, litft, train_args, trained
+from tests.test_fsdp import ENV, REPO, assert_same_weights, train_args, trained
 
 
 def free_port() -> int:
@@ -39,16 +39,15 @@ def torchrun_two_nodes(args: list[str], timeout: int = 600) -> list[tuple[int, s
 
 
 @pytest.mark.slow
-def test_two_nodes_of_one_process_equal_one_node_of_two(ckpt, task, tmp_path):
-    one_node = litft(*train_args(ckpt, task, tmp_path / "one_node", "lora", 3), "--devices", "2", "--strategy", "ddp")
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
+def test_two_nodes_of_one_process_equal_one_node_of_two(shared_runs, tmp_path):
+    one_node = shared_runs.train("lora", "--devices", "2", "--strategy", "ddp")  # conftest.py: shared with test_fsdp
     for strategy in ("ddp", "fsdp"):
         out = tmp_path / f"two_nodes_{strategy}"
-        results = torchrun_two_nodes([*train_args(ckpt, task, out, "lora", 3), "--devices", "1", "--num_nodes", "2",
-                                      "--strategy", strategy])
+        results = torchrun_two_nodes([*train_args(shared_runs.ckpt, shared_runs.task, out, "lora", 3), "--devices", "1",
+                                      "--num_nodes", "2", "--strategy", strategy])
         for code, err in results:
             assert code == 0, err[-3000:]
-        assert_same_weights(trained(tmp_path / "one_node", "lora"), trained(out, "lora"))
+        assert_same_weights(trained(one_node, "lora"), trained(out, "lora"))
 
 
 def test_devices_that_do_not_match_what_torchrun_started_are_one_error(ckpt, task, tmp_path):

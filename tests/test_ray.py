@@ -2,49 +2,47 @@
 DDP run; without Ray installed it is one clear error."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 from litft.cli import run
-from tests.test_fsdp import ENV, REPO, assert_same_weights, litft, train_args, trained
+from tests.test_fsdp import assert_same_weights, litft_here, train_args, trained
 
 
 @pytest.mark.slow
-def test_two_ray_workers_equal_two_ddp_processes(ckpt, task, tmp_path):
+def test_two_ray_workers_equal_two_ddp_processes(shared_runs, tmp_path):
     ray = pytest.importorskip("ray")
-    ddp = litft(*train_args(ckpt, task, tmp_path / "ddp", "lora", 3), "--devices", "2", "--strategy", "ddp")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp = shared_runs.train("lora", "--devices", "2", "--strategy", "ddp")  # conftest.py: shared with test_fsdp
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run([*train_args(ckpt, task, tmp_path / "ray", "lora", 3), "--launcher", "ray", "--ray.num_workers", "2"])
+        run([*train_args(shared_runs.ckpt, shared_runs.task, tmp_path / "ray", "lora", 3), "--launcher", "ray",
+             "--ray.num_workers", "2"])
     finally:
         ray.shutdown()
-    assert_same_weights(trained(tmp_path / "ddp", "lora"), trained(tmp_path / "ray", "lora"))
+    assert_same_weights(trained(ddp, "lora"), trained(tmp_path / "ray", "lora"))
     # final/ written once, by rank 0, through the atomic swap: the files of any run, no temp directory left
     assert sorted(p.name for p in (tmp_path / "ray" / "final").iterdir()) == sorted(
-        p.name for p in (tmp_path / "ddp" / "final").iterdir())
+        p.name for p in (ddp / "final").iterdir())
     assert not list((tmp_path / "ray").glob(".*"))
 
 
 @pytest.mark.parametrize("case", ["no_ray", "too_many_workers", "bad_launcher"])
-def test_ray_bad_input_is_one_clear_error(case, ckpt, task, tmp_path):
+def test_ray_bad_input_is_one_clear_error(case, ckpt, task, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = [*train_args(ckpt, task, out, "lora", 1), "--launcher", "ray"]
     if case == "no_ray":  # as on a machine without the extra: importing ray fails
-        code = "import sys; sys.modules['ray'] = None; from litft.cli import main; sys.argv[0] = 'litft'; main()"
-        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=ENV, cwd=REPO,
-                           timeout=300)
+        monkeypatch.setitem(sys.modules, "ray", None)
+        code, stderr = litft_here(monkeypatch, capsys, *args)
         expect = 'pip install "litft[ray]"'
     elif case == "too_many_workers":
-        r = litft(*args, "--ray.num_workers", "10000")
+        code, stderr = litft_here(monkeypatch, capsys, *args, "--ray.num_workers", "10000")
         expect = "--ray.num_workers 10000: the local Ray cluster has"
     else:
-        r = litft(*args[:-1], "rya")
+        code, stderr = litft_here(monkeypatch, capsys, *args[:-1], "rya")
         expect = "unknown launcher 'rya': use fabric or ray"
-    assert r.returncode == 1, r.stderr[-3000:]
-    lines = [line for line in r.stderr.splitlines() if line.startswith("litft: error:")]
-    assert len(lines) == 1 and expect in lines[0], r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
+    assert code == 1, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("litft: error:")]
+    assert len(lines) == 1 and expect in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr
     assert not out.exists()

@@ -114,6 +114,21 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def litft_main(capsys, *args: str) -> tuple[int, str, str]:
+    """`litft *args` (one process) through the console entry point, in this process: (exit code, stdout, stderr). A
+    `litft` subprocess would spend seconds re-importing Lightning to print one error line."""
+    from litft.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def litft_cmd(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "litft.cli", *args], capture_output=True, text=True, env=env,
@@ -122,9 +137,9 @@ def litft_cmd(*args: str) -> subprocess.CompletedProcess:
 
 def ddp_matches_one_process(args_for, tmp_path: Path) -> dict[str, torch.Tensor]:
     """Run `litft *args_for(out_dir)` on one process and on two DDP processes (gloo): the final adapters must be
-    equal (<= 1e-5); returns the one-process adapter for the caller's own checks (that it trained)."""
-    one = litft_cmd(*args_for(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-2000:]
+    equal (<= 1e-5); returns the one-process adapter for the caller's own checks (that it trained). The one-process
+    run is in this process (a `litft` subprocess would spend seconds re-importing Lightning just to start)."""
+    run([str(a) for a in args_for(tmp_path / "one")])
     two = litft_cmd(*args_for(tmp_path / "two"), "--devices", "2", "--strategy", "ddp")
     assert two.returncode == 0, two.stderr[-2000:]
     a = load_state_dict_file(tmp_path / "one" / "final" / "adapter.safetensors")
@@ -135,8 +150,16 @@ def ddp_matches_one_process(args_for, tmp_path: Path) -> dict[str, torch.Tensor]
     return a
 
 
-def test_ddp_two_processes_matches_one(ckpt, task, tmp_path):
-    ddp_matches_one_process(lambda out: [*common_args(ckpt, task, out), "--dropout", "0.0"], tmp_path)
+def test_ddp_two_processes_matches_one(shared_runs):
+    """LoRA on 2 DDP processes trains the adapter of 1 process: the runs of shared_runs (conftest.py), which
+    test_fsdp, test_ray and test_multinode compare against too."""
+    a = load_state_dict_file(shared_runs.train("lora") / "final" / "adapter.safetensors")
+    b = load_state_dict_file(shared_runs.train("lora", "--devices", "2", "--strategy", "ddp") / "final" /
+                             "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert any(k.endswith("lora_B") and a[k].abs().max() > 0 for k in a)  # it trained
 
 
 def test_merge_lora_gives_same_logits(ckpt, task, tmp_path):
@@ -153,16 +176,17 @@ def test_merge_lora_gives_same_logits(ckpt, task, tmp_path):
         assert (merged(x) - unmerged).abs().max() <= 1e-5
 
 
-def test_full_finetune_writes_a_complete_checkpoint(ckpt, task, tmp_path):
+def test_full_finetune_writes_a_complete_checkpoint(ckpt, task, tmp_path, capsys):
     run(["finetune", "full", *common_args(ckpt, task, tmp_path / "out")[2:], "--lr", "1e-3"])
     model = load_model(tmp_path / "out" / "final")
     assert not torch.equal(model.embed.weight, load_model(ckpt).embed.weight)
-    out = litft_cmd("generate", str(tmp_path / "out" / "final"), "--prompt", "a", "--max_new_tokens", "5")
-    assert out.returncode == 0, out.stderr[-2000:]
+    final = tmp_path / "out" / "final"
+    code, _, stderr = litft_main(capsys, "generate", final, "--prompt", "a", "--max_new_tokens", "5")
+    assert code == 0, stderr[-2000:]
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_ckpt", "empty_data", "malformed_data", "too_long", "nan"])
-def test_bad_input_is_one_clear_error(case, ckpt, task, tmp_path):
+def test_bad_input_is_one_clear_error(case, ckpt, task, tmp_path, capsys):
     out = tmp_path / "out"
     args = common_args(ckpt, task, out)
     expect = {"unknown_key": "max_stpes", "missing_ckpt": "checkpoint directory not found",
@@ -180,10 +204,10 @@ def test_bad_input_is_one_clear_error(case, ckpt, task, tmp_path):
         args += ["--train.max_seq_length", "4"]
     elif case == "nan":
         args += ["--lr", "1e38", "--optimizer", "SGD", "--train.max_norm", "null", "--train.save_interval", "1"]
-    result = litft_cmd(*args)
-    assert result.returncode != 0
-    assert expect in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    code, _, stderr = litft_main(capsys, *args)
+    assert code != 0
+    assert expect in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
     assert not (out / "final").exists()
     if case == "nan":  # steps before the NaN saved fine; the failing step left nothing
         assert not list(out.glob(".*tmp"))

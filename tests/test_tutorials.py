@@ -164,16 +164,25 @@ def capture(fn, *args) -> str:
 
 _OPTIONS: dict[tuple[str, ...], set[str]] = {}
 SUBCLASS_EXAMPLE = {"--data": ("JSON", "Conversations", "HF")}  # a subclass-typed option documents its keys per class: --data.help JSON
+_SUBCLASS_OPTIONS: dict[tuple[str, str, str], set[str]] = {}  # (option, its base class, example): the keys documented
 
 
 def options(path: tuple[str, ...]) -> set[str]:
     """Every option `litft <path> --help` documents, spelt out (argparse would also take an abbreviation)."""
     if path not in _OPTIONS:
-        names = set(re.findall(r"--[\w.]+", capture(run, [*path, "--help"])))
+        text = capture(run, [*path, "--help"])
+        names = set(re.findall(r"--[\w.]+", text))
         for option, examples in SUBCLASS_EXAMPLE.items():
             if f"{option}.help" in names:
+                # `--data.help JSON` documents JSON's keys, the same under every command whose --data takes that
+                # base class: asked once per base class (each ask rebuilds the whole CLI, ~0.3 s)
+                base = re.search(rf"{re.escape(option)}\.help .*?subclass of\s+(\w+)", text, re.S).group(1)
                 for example in examples:
-                    names |= set(re.findall(r"--[\w.]+", capture(run, [*path, f"{option}.help", example])))
+                    key = (option, base, example)
+                    if key not in _SUBCLASS_OPTIONS:
+                        _SUBCLASS_OPTIONS[key] = set(re.findall(r"--[\w.]+",
+                                                                capture(run, [*path, f"{option}.help", example])))
+                    names |= _SUBCLASS_OPTIONS[key]
         _OPTIONS[path] = names
     return _OPTIONS[path]
 
