@@ -51,7 +51,8 @@ def main() -> None:
                 times.setdefault((" ".join(call), name), []).append(one_call(tree, call))
         print(f"round {r + 1} done, load average {loadavg()}", flush=True)
     print(f"load average at end {loadavg()}\n")
-    print("| call | before wall s | after wall s | after / before | before CPU s | after CPU s |\n|---|---|---|---|---|---|")
+    print("| call | before wall s | after wall s | after / before | before CPU s | after CPU s |\n"
+          "|---|---|---|---|---|---|")
     for call in CALLS:
         c = " ".join(call)
         wall = {n: statistics.median(w for w, _ in times[(c, n)]) for n in trees}
