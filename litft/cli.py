@@ -2,7 +2,10 @@
 
 `litft finetune <method>` takes the run options of `litft.train.finetune` plus the init args of the
 method's module (walking `**kwargs` up to `Finetune`), so a new method class gets its command by
-adding one entry to FINETUNE_METHODS.
+adding one entry to `litft.methods.METHOD_TABLE`.
+
+Start-up: a call imports only the command it names (`litft plot` never imports torch; `litft --help`, a mistyped
+command and a missing --config file import nothing heavy); the others stand in as a name and a summary.
 """
 from __future__ import annotations
 
@@ -13,9 +16,34 @@ from typing import Any, Callable, NoReturn
 
 from jsonargparse import ArgumentError, ArgumentParser
 
+from litft.methods import METHOD_TABLE, load_object
 from litft.utils import LitftError
 
 _RUN_EXCLUDE = ("method",)
+
+# Every command but finetune: name -> ("module:function", the first line of its docstring). Strings, so that a call
+# imports only the module of the command it names; tests/test_startup.py checks each summary against the function.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "merge_lora": ("litft.methods.run_dir:merge_lora",
+                   "Merge a trained adapter into its base model and write a plain litft checkpoint."),
+    "export_peft": ("litft.adapters.peft_format:export_peft",
+                    "Write a litft adapter run as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."),
+    "import_peft": ("litft.adapters.peft_format:import_peft", "Turn a PEFT LoRA / rsLoRA / DoRA adapter into a litft "
+                                                              "adapter run directory (like a run's `final/`)."),
+    "generate": ("litft.generate:main",
+                 "Generate text from a litft checkpoint, optionally through a trained (unmerged) adapter."),
+    "chat": ("litft.chat:chat",
+             "Chat with a model in the terminal: multi-turn, streamed, in the checkpoint's chat template."),
+    "plot": ("litft.plot:plot",
+             "Draw one scalar of several fine-tuning runs into a PNG (e.g. `litft plot out/methods/*`)."),
+    "convert_to_litft": ("litft.convert:convert_to_litft",
+                         "Convert a Hugging Face checkpoint directory, or a GGUF file, into a litft checkpoint."),
+    "convert_from_litft": ("litft.convert:convert_from_litft",  # (its docstring's first line ends mid-sentence)
+                           "Convert a litft checkpoint into a Hugging Face one (config.json + model.safetensors +"),
+    "download": ("litft.convert:download",
+                 "Fetch a Hugging Face model repo (safetensors + tokenizer files) and convert it to litft."),
+}
+FINETUNE_HELP = "Fine-tune a model with one of litft's methods."
 
 
 def finetune_command(method_cls: type) -> Callable[..., Any]:
@@ -49,33 +77,39 @@ def finetune_command(method_cls: type) -> Callable[..., Any]:
     return command
 
 
-def _finetune_methods() -> dict[str, Any]:
+def stand_in(name: str, summary: str) -> Callable[[], None]:
+    """A command this call does not name: its name and summary are all `litft --help` and "unknown command ...
+    Choose from" need, so its module is not imported."""
+    def command() -> None:  # only a top-level --config naming a subcommand could reach it
+        raise LitftError(f"name the command on the command line: `litft {name} ...`")
+
+    command.__doc__ = summary
+    return command
+
+
+def _finetune_methods(real: bool = True) -> dict[str, Any]:
+    if not real:
+        methods = {name: stand_in(f"finetune {name}", summary) for name, (_, summary) in METHOD_TABLE.items()}
+        return {"_help": FINETUNE_HELP, **methods}
     from litft.methods import METHODS
 
-    return {"_help": "Fine-tune a model with one of litft's methods.",
-            **{name: finetune_command(cls) for name, cls in METHODS.items()}}
+    return {"_help": FINETUNE_HELP, **{name: finetune_command(cls) for name, cls in METHODS.items()}}
 
 
-def commands() -> dict[str, Any]:
-    from litft.adapters.peft_format import export_peft, import_peft
-    from litft.chat import chat
-    from litft.convert import convert_from_litft, convert_to_litft, download
-    from litft.generate import main as generate
-    from litft.methods.run_dir import merge_lora
-    from litft.plot import plot
+def commands(argv: list[str] | None = None) -> dict[str, Any]:
+    """The tree jsonargparse parses with: command name -> function (`finetune`: a dict of its methods).
 
-    return {
-        "finetune": _finetune_methods(),
-        "merge_lora": merge_lora,
-        "export_peft": export_peft,
-        "import_peft": import_peft,
-        "generate": generate,
-        "chat": chat,
-        "plot": plot,
-        "convert_to_litft": convert_to_litft,
-        "convert_from_litft": convert_from_litft,
-        "download": download,
-    }
+    Given `argv`, only the command it names is real; the rest are stand-ins (`commands([])`: all of them). Naming
+    one method makes every method real: a misplaced option's "it is an option of dora" needs their options, their
+    classes are imported anyway (litft.train -> litft.methods.run_dir -> METHODS), and their parsers add ~0.3 s to
+    Lightning's ~7 s. Without `argv`, every command is real (tests walk the whole tree).
+    """
+    words = list(argv) if argv is not None else []
+    named = next((w for w in words if w == "finetune" or w in COMMANDS), None)
+    method = named == "finetune" and any(w in METHOD_TABLE for w in words[words.index("finetune") + 1:])
+    return {"finetune": _finetune_methods(real=argv is None or method),
+            **{name: load_object(path) if argv is None or name == named else stand_in(name, summary)
+               for name, (path, summary) in COMMANDS.items()}}
 
 
 def check_config_keys(data: Any, fn: Callable, source: str) -> None:
@@ -105,9 +139,12 @@ def check_config_keys(data: Any, fn: Callable, source: str) -> None:
                     raise LitftError(f"{source}: unknown key '{key}.{sub}'.{hint} Valid: {', '.join(fields)}")
 
 
-def _check_config_files(argv: list[str], components: dict[str, Any]) -> None:
+def _config_files(argv: list[str], components: dict[str, Any]) -> list[tuple[Any, Callable, Path]]:
+    """Each `--config FILE` given after a complete command: (its YAML, the command, the path). A missing or broken
+    file is one LitftError."""
     import yaml
 
+    found = []
     node: Any = components
     for i, arg in enumerate(argv):
         if isinstance(node, dict) and arg in node:
@@ -120,29 +157,45 @@ def _check_config_files(argv: list[str], components: dict[str, Any]) -> None:
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise LitftError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
-            check_config_keys(data, node, str(path))
+            found.append((data, node, path))
+    return found
 
 
 def run(argv: list[str] | None = None) -> Any:
     """Parse `argv` and run the command; returns its result (tests call this)."""
-    from jsonargparse import CLI, set_parsing_settings
-
-    from litft import native
-    from litft.cpu_kernels import onednn_enabled
+    from jsonargparse import CLI, capture_parser, set_parsing_settings
 
     # A config file (perhaps downloaded) names classes by import path (`data: {class_path: ...}`), and importing
     # a module runs its code: values may name litft's own classes only (`litft.*`), never another module.
     set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=["litft"])
-    components = commands()
-    argv = _words_to_list(list(sys.argv[1:] if argv is None else argv), components)
-    _check_config_files(argv, components)
-    onednn_enabled()  # validates LITFT_CPU_MATMUL before any work, not at the first matmul
-    native.kernels_choice()  # and LITFT_CPU_KERNELS
-    try:  # allow_abbrev=False: `--train.max_step 5` must not silently mean --train.max_steps
-        return CLI(components, args=argv, parser_class=_Parser, prog="litft", allow_abbrev=False,
-                   exit_on_error=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _config_files(argv, commands([]))  # a missing or broken --config file: said before any command is imported
+    components = commands(argv)
+    argv = _words_to_list(argv, components)
+    for data, command, path in _config_files(argv, components):
+        check_config_keys(data, command, str(path))
+    if "torch" in sys.modules:  # the command runs torch (plot does not): check the CPU switches before any work
+        from litft import native
+        from litft.cpu_kernels import onednn_enabled
+
+        onednn_enabled()  # validates LITFT_CPU_MATMUL before any work, not at the first matmul
+        native.kernels_choice()  # and LITFT_CPU_KERNELS
+
+    def cli(tree: dict[str, Any]) -> Any:  # allow_abbrev=False: `--train.max_step 5` must not mean --train.max_steps
+        return CLI(tree, args=argv, parser_class=_Parser, prog="litft", allow_abbrev=False, exit_on_error=False)
+
+    try:
+        return cli(components)
     except ArgumentError as e:
-        raise LitftError(parse_error_line(e)) from None
+        line = parse_error_line(e)
+        if line.startswith("unknown option") and "Did you mean" not in line and "it is an option of" not in line:
+            # whether another command takes the option ("it is an option of generate") needs every command's
+            # options, which the stand-ins lack: only this error pays for building them all (parsing, never running)
+            try:
+                capture_parser(cli, commands()).parse_args(argv)
+            except ArgumentError as full:
+                line = parse_error_line(full)
+        raise LitftError(line) from None
 
 
 class _Parser(ArgumentParser):

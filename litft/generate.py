@@ -9,7 +9,6 @@ import torch
 
 from litft.checkpoint import load_model
 from litft.data.prompts import PromptStyle, _encoded_stops
-from litft.methods.run_dir import load_method
 from litft.models.gpt import GPT
 from litft.tokenizer import Tokenizer
 from litft.utils import LitftError
@@ -138,6 +137,10 @@ def load_for_generation(checkpoint_dir: Path, adapter_dir: Path | None, precisio
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if adapter_dir is None:
         return load_model(checkpoint_dir, device=device, dtype=dtype), device
+    # imported here, not at the top: the methods are LightningModules, and importing Lightning (~5 s) is not
+    # needed to generate from a plain checkpoint (`litft generate`, `litft chat` without --adapter_dir)
+    from litft.methods.run_dir import load_method
+
     method = load_method(adapter_dir, checkpoint_dir)  # the run's own class rebuilds base + adapter
     model = method.model
     if not getattr(method, "quantize", None):  # a quantized base is already on the device, computing in the
