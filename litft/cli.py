@@ -60,6 +60,7 @@ def commands() -> dict[str, Any]:
     from litft.adapters.peft_format import export_peft, import_peft
     from litft.chat import chat
     from litft.convert import convert_from_litft, convert_to_litft, download
+    from litft.evaluate import evaluate
     from litft.generate import main as generate
     from litft.methods.run_dir import merge_lora
     from litft.plot import plot
@@ -71,6 +72,7 @@ def commands() -> dict[str, Any]:
         "import_peft": import_peft,
         "generate": generate,
         "chat": chat,
+        "evaluate": evaluate,
         "plot": plot,
         "convert_to_litft": convert_to_litft,
         "convert_from_litft": convert_from_litft,
