@@ -54,8 +54,8 @@ def models(tmp_path_factory) -> SimpleNamespace:
 
     d = tmp_path_factory.mktemp("eval")
     base = bos_checkpoint(d / "base")
-    records = [{"instruction": json.loads(line)["prompt"], "input": "", "output": "a"}
-               for line in (TASKS / "litft_gen.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"] for line in (TASKS / "litft_gen.jsonl").read_text().splitlines()]
+    records = [{"instruction": p, "input": "", "output": "a"} for p in prompts if len(p) < 100]  # not the long one
     (d / "train.json").write_text(json.dumps(records * 4))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -127,8 +127,12 @@ def test_matches_lm_evals_hf_model(models, in_root, tmp_path):
                                                                       rel=RTOL)
     from litft.tokenizer import Tokenizer
 
-    longest = max(json.loads(line)["text"] for line in (TASKS / "litft_ppl.jsonl").read_text().splitlines())
-    assert Tokenizer(models.merged).encode(longest).numel() > 2 * 128  # three rolling windows of max_seq_length
+    def longest(task: str, key: str) -> int:  # tokens in the task's longest text
+        texts = [json.loads(line)[key] for line in (TASKS / f"{task}.jsonl").read_text().splitlines()]
+        return Tokenizer(models.merged).encode(max(texts, key=len)).numel()
+
+    assert longest("litft_ppl", "text") > 2 * 128  # three rolling windows of max_seq_length
+    assert longest("litft_mc", "question") > 128 and longest("litft_gen", "prompt") > 128 - 12  # cut from the left
 
 
 def test_unmerged_adapter_equals_merged_checkpoint(models, in_root, tmp_path):
@@ -170,7 +174,57 @@ def test_cli_run_and_help(models, in_root, tmp_path, capsys):
     assert exit_.value.code == 0 and "--adapter_dir" in helped and "--include_path" in helped and "--tasks" in helped
 
 
-@pytest.mark.parametrize("case", ["unknown_task", "missing_checkpoint", "limit_0"])
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory) -> SimpleNamespace:
+    """A tiny random model with Llama 3's tokenizer setup: the post-processor adds bos and so does the chat template,
+    so a rendered prompt must not get a second one (HFLM's has_bos_prefix rule); and its HF twin."""
+    from litft.convert import convert_from_litft
+    from litft.tokenizer import Tokenizer
+    from tests.chat_fixtures import write_chat_tokenizer
+
+    d = tmp_path_factory.mktemp("chat")
+    lit = make_checkpoint(d / "lit", vocab_size=448)
+    write_chat_tokenizer(lit, "llama3")
+    hf_tok = HFTokenizer.from_file(str(lit / "tokenizer.json"))
+    bos = hf_tok.token_to_id("<|begin_of_text|>")
+    hf_tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                          special_tokens=[("<|begin_of_text|>", bos)])
+    hf_tok.save(str(lit / "tokenizer.json"))
+    config = json.loads((lit / "tokenizer_config.json").read_text())
+    del config["add_bos_token"]  # as Llama 3's: the post-processor decides
+    (lit / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer(lit)
+    assert tok.use_bos
+    ids = {"bos_token_id": tok.token_to_id("<|begin_of_text|>"), "eos_token_id": tok.token_to_id("<|eot_id|>")}
+    (lit / "generation_config.json").write_text(json.dumps(ids))
+    return SimpleNamespace(lit=lit, hf=convert_from_litft(lit, d / "hf"))
+
+
+def test_chat_template_and_few_shot_match_lm_evals_hf_model(chat_models, in_root, tmp_path):
+    """--apply_chat_template with --num_fewshot 1 (the example as an earlier turn of the chat): the prompts litft renders
+    score as transformers' rendering of the same template does under HFLM."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks = ["litft_mc", "litft_gen"]
+    ours, our_samples = run_litft(chat_models.lit, tmp_path / "ours", tasks, apply_chat_template=True,
+                                  num_fewshot=1, limit=4, batch_size=4)
+    hflm = HFLM(pretrained=str(chat_models.hf), batch_size=4, device="cpu", dtype="float32")
+    theirs = lm_eval.simple_evaluate(model=hflm, tasks=tasks, bootstrap_iters=0, apply_chat_template=True,
+                                     num_fewshot=1, limit=4,
+                                     task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+    their_samples = json.loads(json.dumps(theirs["samples"], default=str))
+    prompt = our_samples["litft_gen"][0]["arguments"][0][0]
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>user") and prompt.count("<|eot_id|>") == 3
+    assert prompt == their_samples["litft_gen"][0]["arguments"][0][0]
+    assert ours["results"]["litft_mc"]["acc,none"] == theirs["results"]["litft_mc"]["acc,none"]
+    assert loglikelihoods(our_samples, "litft_mc") == pytest.approx(loglikelihoods(their_samples, "litft_mc"),
+                                                                     rel=RTOL)
+    assert responses(our_samples, "litft_gen") == responses(their_samples, "litft_gen")
+
+
+@pytest.mark.parametrize("case", ["unknown_task", "missing_checkpoint", "limit_0", "no_chat_template"])
 def test_bad_input_one_error_nothing_written(case, models, in_root, tmp_path):
     from litft.evaluate import evaluate
 
@@ -178,13 +232,16 @@ def test_bad_input_one_error_nothing_written(case, models, in_root, tmp_path):
     args = dict(checkpoint_dir=models.merged, tasks="litft_mc", include_path=TASKS, out_dir=out)
     expected = {"unknown_task": "unknown task 'litft_mcq'.*Did you mean 'litft_mc'",
                 "missing_checkpoint": "checkpoint directory not found",
-                "limit_0": "limit must be >= 1"}[case]
+                "limit_0": "limit must be >= 1",
+                "no_chat_template": "--apply_chat_template: .* has no chat template"}[case]
     if case == "unknown_task":
         args["tasks"] = "litft_mc,litft_mcq"
     elif case == "missing_checkpoint":
         args["checkpoint_dir"] = tmp_path / "nope"
-    else:
+    elif case == "limit_0":
         args["limit"] = 0
+    else:
+        args["apply_chat_template"] = True
     with pytest.raises(LitftError, match=expected):
         evaluate(**args)
     assert not out.exists()
