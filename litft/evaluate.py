@@ -327,7 +327,7 @@ def evaluate(
     atomic_write_text(out_dir / SAMPLES_FILE, json.dumps(samples, indent=1, default=handle_non_serializable) + "\n")
     atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     print(make_table(results))
-    if "groups" in results:
+    if results.get("groups"):
         print(make_table(results, "groups"))
     print(f"Wrote {out_dir / RESULTS_FILE}")
     return json.loads(json.dumps(results, default=handle_non_serializable))

@@ -259,3 +259,6 @@ def test_lm_eval_not_installed(models, tmp_path, monkeypatch, capsys):
     assert exit_.value.code == 1 and err.count("\n") == 1  # one line, no traceback
     assert "litft: error: lm-eval is not installed" in err and 'pip install "litft[eval]"' in err
     assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exit_:  # lm_eval is imported inside the command only: --help needs none
+        main(["evaluate", "--help"])
+    assert exit_.value.code == 0 and "--tasks" in capsys.readouterr().out
