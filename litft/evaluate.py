@@ -18,6 +18,10 @@ litft checkpoint scores what its HF twin scores under `lm_eval --model hf`:
   windows of the model's max_seq_length, each token scored once with as much context as fits;
 - `generate_until` decodes greedily until an eos id, a stop string (`until`, plus the eos token's text) in the
   decoded new text, or max_gen_toks; the answer is decoded without special tokens and cut at the first stop.
+  (HFLM's batched generate stops a row at eos only when the model's config names its eos id; real checkpoints do.)
+
+Scoring is batched (`--batch_size`, right-padded: exact under the causal mask, so batch sizes give equal numbers);
+generation runs one prompt at a time with the KV cache, which has no padding mask for a left-padded batch.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from litft.checkpoint import check_checkpoint_dir
 from litft.generate import PRECISIONS, load_for_generation, sample
@@ -50,8 +55,8 @@ def import_lm_eval() -> Any:
     return lm_eval
 
 
-def score_pairs(model: GPT, pairs: list[tuple[list[int], list[int]]], batch_size: int,
-                max_length: int) -> list[tuple[float, bool]]:
+def score_pairs(model: GPT, pairs: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
+                desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """(log p(continuation | context), is the continuation the greedy one) for token-id pairs.
 
     The last max_length tokens of context + continuation go in (the final token is only predicted). Rows are
@@ -60,7 +65,7 @@ def score_pairs(model: GPT, pairs: list[tuple[list[int], list[int]]], batch_size
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
     device = model.embed.weight.device
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
         rows = [(pairs[i][0] + pairs[i][1])[-(max_length + 1):][:-1] for i in idx]
         width = max(len(r) for r in rows)
@@ -183,7 +188,8 @@ def litft_lm_class() -> type:
                     windows.append(w)
                     owner.append(i)
             totals = [0.0] * len(requests)
-            for i, (logprob, _) in zip(owner, score_pairs(self.model, windows, self.batch_size, self.max_length)):
+            for i, (logprob, _) in zip(owner, score_pairs(self.model, windows, self.batch_size, self.max_length,
+                                                              "loglikelihood_rolling")):
                 totals[i] += logprob
             return totals
 
@@ -191,13 +197,13 @@ def litft_lm_class() -> type:
             eos_text = (self.tokenizer.decode([self.tokenizer.eos_id]) if self.tokenizer.eos_id is not None
                         else None)
             answers = []
-            for r in requests:
+            for r in tqdm(requests, desc="generate_until"):
                 context, gen_kwargs = r.args
                 stops, max_new, temperature = generation_settings(gen_kwargs, eos_text)
                 if max_new >= self.max_length:
                     raise LitftError(f"max_gen_toks {max_new} leaves no room for a prompt in the model's"
                                      f" max_seq_length {self.max_length}")
-                prompt = self.encode(context)[-(self.max_length - max_new):]  # keep the end of a long prompt
+                prompt = self.encode(context)[-(self.max_length - max_new):] or [self.prefix_id]  # keep the end
                 new = greedy_until(self.model, self.tokenizer, prompt, max_new, stops, temperature, self.generator)
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
                 for s in stops:
