@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "Generate text from a litft checkpoint, optionally through a trained (unmerged) adapter."),
     "chat": ("litft.chat:chat",
              "Chat with a model in the terminal: multi-turn, streamed, in the checkpoint's chat template."),
+    "evaluate": ("litft.evaluate:evaluate",
+                 'Score a litft checkpoint on lm-eval-harness tasks (needs `pip install "litft[eval]"`).'),
     "plot": ("litft.plot:plot",
              "Draw one scalar of several fine-tuning runs into a PNG (e.g. `litft plot out/methods/*`)."),
     "convert_to_litft": ("litft.convert:convert_to_litft",

@@ -20,7 +20,7 @@ LAYERS: list[list[str]] = [
     ["litft.adapters"],
     ["litft.methods"],
     ["litft.data"],
-    ["litft.generate", "litft.chat"],
+    ["litft.generate", "litft.chat", "litft.evaluate"],
     ["litft.train", "litft.distributed", "litft.ray_launch", "litft.plot", "litft.demo"],
     ["litft.cli", "litft.__main__"],
 ]
