@@ -40,8 +40,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "Draw one scalar of several fine-tuning runs into a PNG (e.g. `litft plot out/methods/*`)."),
     "convert_to_litft": ("litft.convert:convert_to_litft",
                          "Convert a Hugging Face checkpoint directory, or a GGUF file, into a litft checkpoint."),
-    "convert_from_litft": ("litft.convert:convert_from_litft",  # (its docstring's first line ends mid-sentence)
-                           "Convert a litft checkpoint into a Hugging Face one (config.json + model.safetensors +"),
+    "convert_from_litft": ("litft.convert:convert_from_litft",
+                           "Convert a litft checkpoint into a Hugging Face directory, or into one GGUF file for "
+                           "llama.cpp / Ollama."),
     "download": ("litft.convert:download",
                  "Fetch a Hugging Face model repo (safetensors + tokenizer files) and convert it to litft."),
 }

@@ -99,9 +99,11 @@ def convert_to_litft(hf_dir: Path, out_dir: Path | None = None, dtype: str | Non
 
 
 def convert_from_litft(checkpoint_dir: Path, out_dir: Path, format: str = "hf", gguf_type: str = "f16") -> Path:
-    """Convert a litft checkpoint into a Hugging Face one (config.json + model.safetensors +
-    tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads, or into
-    one GGUF file for llama.cpp / Ollama (Llama-family models: Llama 2/3, Mistral, Qwen2, SmolLM2, TinyLlama).
+    """Convert a litft checkpoint into a Hugging Face directory, or into one GGUF file for llama.cpp / Ollama.
+
+    The HF directory (config.json + model.safetensors + tokenizer files) loads with
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`; GGUF covers Llama-family models (Llama 2/3,
+    Mistral, Qwen2, SmolLM2, TinyLlama).
 
     Args:
         checkpoint_dir: a litft checkpoint (model.safetensors + model_config.yaml).

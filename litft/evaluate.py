@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from litft.checkpoint import check_checkpoint_dir
-from litft.generate import PRECISIONS, load_for_generation, sample
+from litft.generate import load_for_generation, precision_dtype, sample
 from litft.models.gpt import GPT
 from litft.tokenizer import Tokenizer
 from litft.utils import LitftError, atomic_write_text
@@ -298,8 +298,7 @@ def evaluate(
         raise LitftError(f"num_fewshot must be >= 0, got {num_fewshot}")
     if bootstrap_iters < 0:
         raise LitftError(f"bootstrap_iters must be >= 0 (0: no standard errors), got {bootstrap_iters}")
-    if precision not in PRECISIONS:
-        raise LitftError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    precision_dtype(precision)  # checked before anything is loaded
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise LitftError(f"{adapter_dir}: adapter directory not found (pass a run's final/ directory)")

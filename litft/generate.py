@@ -129,11 +129,16 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise LitftError(f"top_p must be in (0, 1] (1: off), got {top_p}")
 
 
-def load_for_generation(checkpoint_dir: Path, adapter_dir: Path | None, precision: str) -> tuple[GPT, str]:
-    """(model, device): a checkpoint, or a base checkpoint with a trained (unmerged) adapter on it."""
+def precision_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype for an inference precision, or one error listing the valid ones."""
     if precision not in PRECISIONS:
         raise LitftError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    return PRECISIONS[precision]
+
+
+def load_for_generation(checkpoint_dir: Path, adapter_dir: Path | None, precision: str) -> tuple[GPT, str]:
+    """(model, device): a checkpoint, or a base checkpoint with a trained (unmerged) adapter on it."""
+    dtype = precision_dtype(precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if adapter_dir is None:
         return load_model(checkpoint_dir, device=device, dtype=dtype), device
