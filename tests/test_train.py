@@ -135,6 +135,13 @@ def litft_cmd(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, cwd=REPO)
 
 
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """The same tensor names, each equal to fp32 reduction-order noise (<= 1e-5 + 1e-4 relative)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
 def ddp_matches_one_process(args_for, tmp_path: Path) -> dict[str, torch.Tensor]:
     """Run `litft *args_for(out_dir)` on one process and on two DDP processes (gloo): the final adapters must be
     equal (<= 1e-5); returns the one-process adapter for the caller's own checks (that it trained). The one-process
@@ -144,9 +151,7 @@ def ddp_matches_one_process(args_for, tmp_path: Path) -> dict[str, torch.Tensor]
     assert two.returncode == 0, two.stderr[-2000:]
     a = load_state_dict_file(tmp_path / "one" / "final" / "adapter.safetensors")
     b = load_state_dict_file(tmp_path / "two" / "final" / "adapter.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert_same_adapter(a, b)
     return a
 
 
@@ -156,9 +161,7 @@ def test_ddp_two_processes_matches_one(shared_runs):
     a = load_state_dict_file(shared_runs.train("lora") / "final" / "adapter.safetensors")
     b = load_state_dict_file(shared_runs.train("lora", "--devices", "2", "--strategy", "ddp") / "final" /
                              "adapter.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert_same_adapter(a, b)
     assert any(k.endswith("lora_B") and a[k].abs().max() > 0 for k in a)  # it trained
 
 
