@@ -14,6 +14,10 @@ without that mapping, or a CPU without a name, counts as unknown and keeps MKL. 
 ``=torch`` overrides the choice. Only products of 2-D fp32 CPU tensors large enough to repay oneDNN's
 per-shape kernel compilation (``MIN_MACS``), outside autograd (inside our functions' forward/backward), take
 this path; everything else is plain torch.
+
+A product of only a few rows under inference mode (``SMALL_ROWS``: decoding, one token per step) is a stream over the weight, bound by
+memory bandwidth, not by FLOPs; for fp32 on CPU it goes to litft's own kernel (`litft.native.linear_small`), which
+streams the weight ~2-3x faster than MKL's or oneDNN's small-batch paths here (numbers in `benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import platform
 import torch
 from torch import Tensor
 
+from litft import native
 from litft.utils import LitftError
 
-__all__ = ["mm", "linear", "use_onednn", "onednn_enabled"]
+__all__ = ["mm", "linear", "use_onednn", "onednn_enabled", "SMALL_ROWS", "small_rows_ok"]
 
 
 def cpu_vendor() -> str:
@@ -78,8 +83,21 @@ def use_onednn(t: Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu" and onednn_enabled()
 
 
+SMALL_ROWS = 4  # up to this many rows, a product is a weight stream (decoding): litft's kernel
+
+
+def small_rows_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """`x` (rows, in) has at most SMALL_ROWS rows, under inference mode (generation: training keeps torch's
+    products, so its results do not move by a rounding when a batch happens to be small), and the kernel takes
+    these tensors."""
+    return (x.dim() == 2 and x.shape[0] <= SMALL_ROWS and weight.dim() == 2 and torch.is_inference_mode_enabled()
+            and native.usable(x, weight, *(() if bias is None else (bias,))))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight^T + bias`` for 2-D ``x`` (any strides); no autograd through the oneDNN path."""
+    """``x @ weight^T + bias`` for 2-D ``x`` (any strides); no autograd through the oneDNN or small-rows path."""
+    if small_rows_ok(x, weight, bias):
+        return native.linear_small(x, weight, bias)
     if (use_onednn(x) and weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() == 2
             and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS):
         if (bias is None and not x.is_contiguous()

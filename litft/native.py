@@ -1,4 +1,5 @@
-"""litft's compiled CPU kernels (``litft/csrc/kernels.cpp``), fp32: causal attention, RMSNorm, SwiGLU.
+"""litft's compiled CPU kernels (``litft/csrc/kernels.cpp``), fp32: causal attention, RMSNorm, SwiGLU, and the
+small-batch linear of decoding.
 
 Why: on CPU a LoRA step of a small Llama spends most of its non-matmul time in a few places torch serves with
 general kernels: SDPA's flash-attention kernel (~70-110 GFLOP/s of causal work on a SmolLM2 layer, against
@@ -56,7 +57,7 @@ from torch import Tensor
 from litft.utils import LitftError, atomic_path
 
 __all__ = ["kernels_choice", "enabled", "usable", "attention_supported", "attention_forward", "attention_backward",
-           "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward"]
+           "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward", "linear_small"]
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -250,6 +251,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.litft_rmsnorm_backward.argtypes = [i, c_long, i, p, p, p, p, p]
     lib.litft_swiglu_forward.argtypes = [i, c_long, p, p, p]
     lib.litft_swiglu_backward.argtypes = [i, c_long, p, p, p, p, p]
+    lib.litft_linear_small.argtypes = [i, i, i, i, p, p, p, p]
 
 
 def library() -> ctypes.CDLL | None:
@@ -400,3 +402,17 @@ def swiglu_backward(gate: Tensor, up: Tensor, grad: Tensor) -> tuple[Tensor, Ten
     _lib().litft_swiglu_backward(_threads(), gate.numel(), gate.data_ptr(), up.data_ptr(), grad.data_ptr(),
                                  grad_gate.data_ptr(), grad_up.data_ptr())
     return grad_gate, grad_up
+
+
+# ------------------------------------------------------------------------------------------ small-batch linear
+def linear_small(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ weight (N, K)^T + bias for a few rows (decoding): streams the weight at memory speed (see the
+    kernel's comment). No autograd."""
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = x.new_empty(M, N)
+    _lib().litft_linear_small(_threads(), M, N, K, x.data_ptr(), weight.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr())
+    return y

@@ -125,6 +125,55 @@ def test_generation_stops_at_a_stop_sequence():
     assert generate(model, prompt, 20, stop_sequences=[across])[4:].tolist() == free
 
 
+def test_decode_threads_probe_pick_and_back_off():
+    """DecodeThreads: a probe is PROBE steps with all threads then PROBE with one; all threads win only when clearly
+    faster (MARGIN); after one thread wins, the next probe comes twice as late; after all threads win, EVERY steps on."""
+    from litft.generate import DecodeThreads
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        chooser, seen = DecodeThreads(), []
+
+        def run(steps: int, cost: dict[int, float]) -> list[int]:
+            out = []
+            for _ in range(steps):
+                n = chooser.threads()
+                out.append(n)
+                chooser.record(n, cost[n])
+            seen.extend(out)
+            return out
+
+        P, E = DecodeThreads.PROBE, DecodeThreads.EVERY
+        quiet, loaded, close = {2: 0.03, 1: 0.04}, {2: 0.5, 1: 0.06}, {2: 0.9, 1: 1.0}
+        assert run(2 * P + E, quiet) == [2] * P + [1] * P + [2] * E  # probe, all threads win, E steps on
+        assert run(2 * P + 2 * E, loaded) == [2] * P + [1] * P + [1] * 2 * E  # one thread wins: next probe at 2E
+        assert run(2 * P + 4 * E, close) == [2] * P + [1] * P + [1] * 4 * E  # not clearly faster: one, 4E
+        assert run(2 * P, quiet) == [2] * P + [1] * P and run(E, quiet) == [2] * E  # quiet again: back to EVERY
+        torch.set_num_threads(1)
+        assert set(run(100, {1: 0.1}) if (chooser := DecodeThreads()) else []) == {1}  # one thread: nothing to probe
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_greedy_tokens_do_not_depend_on_decode_threads():
+    """generate() may switch the thread count between decoding steps; the tokens are the same as with one thread
+    throughout, and the caller's thread count is restored."""
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=V, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=96,
+                       max_seq_length=128)).eval()
+    prompt = torch.tensor([3, 14, 15, 92, 65])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        switching = generate(model, prompt, 60)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert generate(model, prompt, 60).tolist() == switching.tolist()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", ["llama3", "mistral", "gemma", "pythia", "phi3"])
 def test_greedy_generation_matches_transformers(name, tmp_path):
     hf_model = make_hf_model(name, tmp_path / "hf", seed=3)

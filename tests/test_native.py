@@ -1,5 +1,6 @@
 """litft.native: litft's compiled fp32 CPU kernels against float64 references -- causal attention vs SDPA
-(outputs and q/k/v gradients), RMSNorm vs its formula (HF's), SwiGLU vs silu(gate) * up -- their fallbacks to
+(outputs and q/k/v gradients), RMSNorm vs its formula (HF's), SwiGLU vs silu(gate) * up, the small-batch linear
+of decoding vs x W^T + b -- their fallbacks to
 torch, the LITFT_CPU_KERNELS switch, and the kernel cache: never a library this user did not build or one changed
 since (planted, tampered, or in a directory others can write), and one compiler run for processes starting
 together."""
@@ -396,6 +397,9 @@ def test_avx2_build_matches_too(tmp_path, monkeypatch):
     norm = RMSNorm(40, eps=1e-5)
     _, _, ref_n = rmsnorm_reference(x, norm.weight, 1e-5, False)
     torch.testing.assert_close(norm(x).double(), ref_n, atol=1e-5, rtol=1e-5)
+    w, b = torch.randn(37, 40), torch.randn(37)
+    torch.testing.assert_close(native.linear_small(x[:3], w, b).double(), x[:3].double() @ w.double().t() + b.double(),
+                               atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel
@@ -415,3 +419,55 @@ def test_kernel_error_codes_become_one_clear_error():
     out = torch.empty(0, T, 2, 256).transpose(1, 2)
     with pytest.raises(MemoryError, match="out of memory.*LITFT_CPU_KERNELS=torch"):
         native.attention_backward(q, q, q, out, lse2, q)
+
+
+# ------------------------------------------------------------------------------------------ small-batch linear
+@needs_kernel
+@pytest.mark.parametrize("M,N,K,bias", [(1, 1000, 576, False), (4, 1536, 576, True), (3, 37, 19, True),
+                                        (2, 15, 40, False), (1, 5, 3, True)])
+def test_linear_small_matches_float64_reference(M, N, K, bias):
+    """Decoding's products (a few rows times a whole weight): N not a multiple of the 16-row blocks and K not a
+    multiple of the 16-wide vectors leave tails; a non-contiguous x (a transpose's); 1 and 2 threads give the same
+    bits (each output is one dot product in a fixed order)."""
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(K, M, generator=g).t()
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    out = native.linear_small(x, w, b)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * K**0.5, rtol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.linear_small(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, out)
+
+
+@needs_kernel
+def test_small_rows_go_to_the_kernel_only_without_grad(monkeypatch):
+    """cpu_kernels.linear sends products of up to SMALL_ROWS rows to the kernel under inference mode (generation),
+    and everything else to torch (training's small batches too); generate() routes plain nn.Linear layers through
+    it only while decoding."""
+    from litft import cpu_kernels
+    from litft.generate import small_rows_linears
+
+    calls = []
+    real = native.linear_small
+    monkeypatch.setattr(native, "linear_small", lambda *a: calls.append(a[0].shape) or real(*a))
+    w = torch.randn(64, 32)
+    with torch.inference_mode():
+        cpu_kernels.linear(torch.randn(cpu_kernels.SMALL_ROWS, 32), w)
+        cpu_kernels.linear(torch.randn(cpu_kernels.SMALL_ROWS + 1, 32), w)
+    with torch.no_grad():
+        cpu_kernels.linear(torch.randn(1, 32), w)  # e.g. inside a LoRA function's forward in training
+    assert calls == [(cpu_kernels.SMALL_ROWS, 32)]
+    layer = torch.nn.Linear(32, 64)
+    x = torch.randn(1, 1, 32)
+    with torch.inference_mode(), small_rows_linears(layer):
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6, rtol=1e-6)
+    assert len(calls) == 2 and "forward" not in layer.__dict__  # used, then the class's forward is back
+    with torch.inference_mode():
+        layer(x)
+    assert len(calls) == 2
