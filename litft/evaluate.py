@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from litft.checkpoint import check_checkpoint_dir
-from litft.generate import load_for_generation, precision_dtype, sample
+from litft.generate import generate, load_for_generation, precision_dtype
 from litft.models.gpt import GPT
 from litft.tokenizer import Tokenizer
 from litft.utils import LitftError, atomic_write_text
@@ -97,30 +97,18 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_length: int) -> list[
     return windows
 
 
-@torch.inference_mode()
 def greedy_until(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int, stops: list[str],
                  temperature: float = 0.0, generator: torch.Generator | None = None) -> list[int]:
     """New token ids after `prompt` (greedy at temperature 0), stopping at an eos id, once the decoded new text
     holds a stop string, or after max_new_tokens. The KV cache holds one sequence: no padding to mask."""
-    device = model.embed.weight.device
-    model.set_kv_cache(1, len(prompt) + max_new_tokens)
-    try:
-        new: list[int] = []
-        step, pos = torch.tensor([prompt], device=device), 0
-        for _ in range(max_new_tokens):
-            logits = model(step, input_pos=pos, output="last")[:, -1]
-            pos += step.shape[1]
-            nxt = int(sample(logits, temperature, generator=generator)[0])
-            new.append(nxt)
-            if nxt in tokenizer.eos_ids:
-                break
-            text = tokenizer.decode(new)  # specials kept: a stop may be a special token's text
-            if any(s and s in text for s in stops):
-                break
-            step = torch.tensor([[nxt]], device=device)
-    finally:
-        model.clear_kv_cache()
-    return new
+    def holds_a_stop(new: list[int]) -> bool:
+        text = tokenizer.decode(new)  # specials kept: a stop may be a special token's text
+        return any(s and s in text for s in stops)
+
+    ids = torch.tensor(prompt, device=model.embed.weight.device)
+    out = generate(model, ids, max_new_tokens, temperature, eos_ids=tokenizer.eos_ids, generator=generator,
+                   stop_when=holds_a_stop)
+    return out[len(prompt):].tolist()
 
 
 def generation_settings(gen_kwargs: dict[str, Any], eos_text: str | None) -> tuple[list[str], int, float]:

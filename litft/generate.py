@@ -124,9 +124,11 @@ def generate(
     generator: torch.Generator | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
     on_token: Callable[[int], None] | None = None,
+    stop_when: Callable[[list[int]], bool] | None = None,
 ) -> torch.Tensor:
-    """Prompt (T,) -> prompt + up to max_new_tokens new tokens; stops after an eos id or once the new tokens end
-    with one of `stop_sequences` (a prompt style's end-of-turn marker, `PromptStyle.stop_tokens`), kept in the
+    """Prompt (T,) -> prompt + up to max_new_tokens new tokens; stops after an eos id, once the new tokens end
+    with one of `stop_sequences` (a prompt style's end-of-turn marker, `PromptStyle.stop_tokens`), or once
+    `stop_when(new token ids)` is true (e.g. a stop string in the decoded text), the stopping token kept in the
     output as the eos id is. `on_token` sees each new token id as it is chosen (streaming)."""
     if prompt.ndim != 1 or prompt.numel() == 0:
         raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
@@ -158,7 +160,9 @@ def generate(
                 step_input = nxt[:, None]
                 if on_token is not None:
                     on_token(int(nxt))
-                if int(nxt) in eos_ids or _ends_with_stop(tokens[0, prompt.numel():].tolist(), stop_sequences):
+                new_ids = tokens[0, prompt.numel():].tolist()
+                if (int(nxt) in eos_ids or _ends_with_stop(new_ids, stop_sequences)
+                        or (stop_when is not None and stop_when(new_ids))):
                     break
     finally:
         torch.set_num_threads(decode_threads.full)
