@@ -248,9 +248,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.litft_attention_backward.argtypes = [*attn, p, p, p, p, p, p, p, p, p]
     lib.litft_attention_forward.restype = lib.litft_attention_backward.restype = i
     lib.litft_rmsnorm_forward.argtypes = [i, c_long, i, f, p, p, p, p]
-    lib.litft_rmsnorm_backward.argtypes = [i, c_long, i, p, p, p, p, p]
-    lib.litft_swiglu_forward.argtypes = [i, c_long, p, p, p]
-    lib.litft_swiglu_backward.argtypes = [i, c_long, p, p, p, p, p]
+    lib.litft_rmsnorm_forward_bf16.argtypes = [i, c_long, i, f, p, p, p, p, i]
+    lib.litft_rmsnorm_backward.argtypes = lib.litft_rmsnorm_backward_bf16.argtypes = [i, c_long, i, p, p, p, p, p]
+    lib.litft_swiglu_forward.argtypes = lib.litft_swiglu_forward_bf16.argtypes = [i, c_long, p, p, p]
+    lib.litft_swiglu_backward.argtypes = lib.litft_swiglu_backward_bf16.argtypes = [i, c_long, p, p, p, p, p]
     lib.litft_linear_small.argtypes = [i, i, i, i, p, p, p, p]
 
 
@@ -279,10 +280,11 @@ def enabled() -> bool:
     return library() is not None
 
 
-def usable(*tensors: Tensor) -> bool:
-    """All fp32 CPU tensors, no CPU autocast (which would run these ops in bf16), outside tracing/compiling, and
-    the kernels are built."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def usable(*tensors: Tensor, bf16: bool = False) -> bool:
+    """All fp32 CPU tensors (or, with bf16=True, all fp32 or all bf16: RMSNorm and SwiGLU take both), no CPU
+    autocast (which would run these ops in bf16), outside tracing/compiling, and the kernels are built."""
+    dtype = tensors[0].dtype if bf16 and tensors[0].dtype == torch.bfloat16 else torch.float32
+    return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and enabled())
 
@@ -366,32 +368,42 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tenso
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm, SwiGLU
-def rmsnorm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """weight * x / rms(x) over the last dimension; returns it and 1/rms with shape (..., 1). `weight` is the
-    effective one (Gemma's 1 + w formed by the caller)."""
-    x, weight = x.contiguous(), weight.contiguous()
+def _suffix(t: Tensor) -> str:
+    return "_bf16" if t.dtype == torch.bfloat16 else ""
+
+
+def rmsnorm_forward(x: Tensor, weight: Tensor, eps: float, round_normed: bool = True) -> tuple[Tensor, Tensor]:
+    """weight * x / rms(x) over the last dimension, for fp32 or bf16 x; returns it (x's dtype) and 1/rms (fp32) with
+    shape (..., 1). `weight` is the effective one (Gemma's 1 + w formed by the caller), used in fp32. In bf16,
+    round_normed rounds x / rms(x) to bf16 before the weight multiplies it (Llama's order; Gemma: False)."""
+    x, weight = x.contiguous(), weight.float().contiguous()
     C = x.shape[-1]
-    out, rstd = torch.empty_like(x), x.new_empty(*x.shape[:-1], 1)
-    _lib().litft_rmsnorm_forward(_threads(), x.numel() // C, C, eps, x.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                                 rstd.data_ptr())
+    out, rstd = torch.empty_like(x), torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+    args = [_threads(), x.numel() // C, C, eps, x.data_ptr(), weight.data_ptr(), out.data_ptr(), rstd.data_ptr()]
+    if x.dtype == torch.bfloat16:
+        _lib().litft_rmsnorm_forward_bf16(*args, int(round_normed))
+    else:
+        _lib().litft_rmsnorm_forward(*args)
     return out, rstd
 
 
 def rmsnorm_backward(x: Tensor, weight: Tensor, rstd: Tensor, grad: Tensor) -> Tensor:
-    """d/dx of sum(grad * rmsnorm(x)), with `rstd` from `rmsnorm_forward`."""
-    x, weight, grad = x.contiguous(), weight.contiguous(), grad.contiguous()
+    """d/dx of sum(grad * rmsnorm(x)), with `rstd` from `rmsnorm_forward` (x and grad fp32, or both bf16)."""
+    x, weight, grad, rstd = x.contiguous(), weight.float().contiguous(), grad.contiguous(), rstd.float().contiguous()
     C = x.shape[-1]
     grad_x = torch.empty_like(x)
-    _lib().litft_rmsnorm_backward(_threads(), x.numel() // C, C, x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
-                                  grad.data_ptr(), grad_x.data_ptr())
+    getattr(_lib(), "litft_rmsnorm_backward" + _suffix(x))(
+        _threads(), x.numel() // C, C, x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(),
+        grad_x.data_ptr())
     return grad_x
 
 
 def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up, elementwise (same shapes)."""
+    """silu(gate) * up, elementwise (same shapes; fp32, or bf16 computed in fp32 and rounded once)."""
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
-    _lib().litft_swiglu_forward(_threads(), gate.numel(), gate.data_ptr(), up.data_ptr(), out.data_ptr())
+    getattr(_lib(), "litft_swiglu_forward" + _suffix(gate))(_threads(), gate.numel(), gate.data_ptr(), up.data_ptr(),
+                                                           out.data_ptr())
     return out
 
 
@@ -399,8 +411,8 @@ def swiglu_backward(gate: Tensor, up: Tensor, grad: Tensor) -> tuple[Tensor, Ten
     """d/dgate, d/dup of sum(grad * silu(gate) * up)."""
     gate, up, grad = gate.contiguous(), up.contiguous(), grad.contiguous()
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(gate)
-    _lib().litft_swiglu_backward(_threads(), gate.numel(), gate.data_ptr(), up.data_ptr(), grad.data_ptr(),
-                                 grad_gate.data_ptr(), grad_up.data_ptr())
+    getattr(_lib(), "litft_swiglu_backward" + _suffix(gate))(_threads(), gate.numel(), gate.data_ptr(), up.data_ptr(),
+                                                            grad.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr())
     return grad_gate, grad_up
 
 

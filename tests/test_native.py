@@ -471,3 +471,65 @@ def test_small_rows_go_to_the_kernel_only_without_grad(monkeypatch):
     with torch.inference_mode():
         layer(x)
     assert len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------------ bf16 RMSNorm, SwiGLU
+@needs_kernel
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rmsnorm_bf16_equals_torchs_bf16_rounding_and_backward_is_close(monkeypatch, unit_offset):
+    """bf16 in, bf16 out: the kernel computes in fp32 and rounds where torch's bf16 path rounds (Llama: the
+    normalised x, then the product with the weight; Gemma: once), so the forward matches torch's bit for bit; the
+    input gradient (rounded once, torch's path rounds more often) is within one bf16 step of float64's. C = 2050
+    leaves a tail past the vectors; one NaN stays a NaN (not an infinity) and only in its own row."""
+    g = torch.Generator().manual_seed(2)
+    C = 2050
+    weight = (torch.rand(C, generator=g) + 0.5).to(torch.bfloat16)
+    x = (torch.randn(6, C, generator=g) * 3).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(6, C, generator=g).to(torch.bfloat16)
+    results = {}
+    for path in ("litft", "torch"):
+        monkeypatch.setenv("LITFT_CPU_KERNELS", path)
+        x.grad = None
+        out = RMSNorm(C, eps=1e-5, unit_offset=unit_offset).to(torch.bfloat16)
+        with torch.no_grad():
+            out.weight.copy_(weight)
+        y = out(x)
+        y.backward(grad)
+        results[path] = (y.detach(), x.grad.clone())
+    assert results["litft"][0].dtype == results["litft"][1].dtype == torch.bfloat16
+    assert torch.equal(results["litft"][0], results["torch"][0])
+    x64, w64, ref = rmsnorm_reference(x, weight.float(), 1e-5, unit_offset)
+    ref.backward(grad.double())
+    err = ((results["litft"][1].double() - x64.grad).norm() / x64.grad.norm()).item()
+    assert err <= 2**-8, err
+    monkeypatch.setenv("LITFT_CPU_KERNELS", "litft")
+    bad = x.detach().clone()
+    bad[1, 7] = float("nan")
+    y = native.rmsnorm_forward(bad, weight, 1e-5)[0]
+    assert y[1].isnan().all() and not y[[0, 2, 3, 4, 5]].isnan().any()
+
+
+@needs_kernel
+def test_swiglu_bf16_rounds_once(monkeypatch):
+    """bf16 SwiGLU: silu(gate) * up and both gradients computed in fp32 and rounded once: nearly every value is
+    float64's result rounded to bf16, the rest (fp32's own error deciding a near-tie) one bf16 step away; torch's
+    bf16 path (two roundings) misses far more often. n = 6 x 1537 leaves a tail past the vectors."""
+    g = torch.Generator().manual_seed(3)
+    gate = (torch.randn(6, 1537, generator=g) * 3).to(torch.bfloat16).requires_grad_()
+    up = torch.randn(6, 1537, generator=g).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(6, 1537, generator=g).to(torch.bfloat16)
+    out = SwiGLU.apply(gate, up)
+    out.backward(grad)
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    ref = F.silu(g64) * u64
+    ref.backward(grad.double())
+    monkeypatch.setenv("LITFT_CPU_KERNELS", "torch")
+    torch_out = SwiGLU.apply(gate.detach(), up.detach())
+    for got, want in [(out, ref), (gate.grad, g64.grad), (up.grad, u64.grad)]:
+        assert got.dtype == torch.bfloat16
+        rounded = want.detach().to(torch.bfloat16)
+        missed = got != rounded
+        assert missed.float().mean() < 0.01, missed.float().mean()
+        step = rounded.double().abs() * 2**-7  # one bf16 step (8 significant bits) at most
+        assert ((got.double() - rounded.double()).abs()[missed] <= step[missed]).all()
+    assert (torch_out != ref.detach().to(torch.bfloat16)).float().mean() > 0.05  # torch's path: two roundings

@@ -1,6 +1,7 @@
 // litft's compiled CPU kernels, fp32: causal (grouped-query) attention forward/backward, RMSNorm and SwiGLU
-// forward/backward. litft/native.py builds this file once per machine (g++ -O3 -march=native -fopenmp) and calls
-// it through ctypes; litft/models/gpt.py uses it where it applies and torch everywhere else.
+// forward/backward (these two in bf16 too), and the small-batch linear of decoding. litft/native.py builds this file
+// once per machine (g++ -O3 -march=native -fopenmp) and calls it through ctypes; litft/models/gpt.py uses it where
+// it applies and torch everywhere else.
 //
 // Attention. torch's CPU flash-attention kernel (F.scaled_dot_product_attention) runs its block products
 // through BLAS calls sized for general use; for 64..256-wide heads those are small and it reaches a fraction of
@@ -323,49 +324,111 @@ extern "C" void litft_linear_small(int nthreads, int M, int N, int K, const floa
     for (int n0 = nblocks * RB; n0 < N; n0++) linear_rows<1>(M, N, K, x, W, bias, y, n0);
 }
 
+// ------------------------------------------------------------------------------------------ bf16 storage
+// RMSNorm and SwiGLU also take bf16 tensors (precision bf16-true): values are widened to fp32 in registers, the math
+// is the fp32 math, and results are rounded to bf16 (to nearest even, as torch rounds) once per stored value --
+// torch's bf16 path instead makes 3-5 passes, several of them in fp32 temporaries. bf16 is the top half of an fp32.
+typedef uint16_t bf16;
+typedef uint16_t vh __attribute__((vector_size(2 * VW), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(4 * VW), aligned(4)));
+
+static inline float widen1(bf16 h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float round1(float f) {  // f rounded to bf16 precision, as an fp32
+    uint32_t u; memcpy(&u, &f, 4);
+    u = (f != f) ? 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline vf roundv(vf f) {
+    const vu u = (vu)f, r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const vu nan = (vu)(f != f);  // all ones where f is NaN: keep a (quiet) NaN, do not round it into an infinity
+    return (vf)((nan & 0x7fc00000u) | (~nan & r));
+}
+
+static inline vf load(const float* p) { return *(const vf*)p; }
+static inline vf load(const bf16* p) { return (vf)(__builtin_convertvector(*(const vh*)p, vu) << 16); }
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const bf16* p) { return widen1(*p); }
+static inline void store(float* p, vf v) { *(vf*)p = v; }
+static inline void store(bf16* p, vf v) { *(vh*)p = __builtin_convertvector((vu)roundv(v) >> 16, vh); }
+static inline void store1(float* p, float v) { *p = v; }
+static inline void store1(bf16* p, float v) { float r = round1(v); uint32_t u; memcpy(&u, &r, 4); *p = u >> 16; }
+// the value a store then a load would give: the identity for fp32
+static inline vf rounded(vf v, const float*) { return v; }
+static inline vf rounded(vf v, const bf16*) { return roundv(v); }
+static inline float rounded1(float v, const float*) { return v; }
+static inline float rounded1(float v, const bf16*) { return round1(v); }
+
 // ------------------------------------------------------------------------------------------ RMSNorm
-// x, out: (rows, C) contiguous; w: the effective weight (C) (Gemma's 1 + w is formed by the caller); rstd (rows)
-extern "C" void litft_rmsnorm_forward(int nthreads, long rows, int C, float eps, const float* x, const float* w,
-                                      float* out, float* rstd) {
+// x, out: (rows, C) contiguous (fp32 or bf16); w: the effective weight in fp32 (C) (Gemma's 1 + w is formed by the
+// caller); rstd (rows) fp32. round_normed: round x * rstd to the storage type before the weight multiplies it
+// (Llama's order in low precision: HF casts the normalised x back, then scales; Gemma scales in fp32).
+template <class T>
+static void rmsnorm_forward(int nthreads, long rows, int C, float eps, const T* x, const float* w, T* out,
+                            float* rstd, bool round_normed) {
     const int Cv = C & ~(VW - 1);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < rows; r++) {
-        const float* xr = x + r * C;
-        float* orow = out + r * C;
+        const T* xr = x + r * C;
+        T* orow = out + r * C;
         vf acc = splat(0.f);
         for (int c = 0; c < Cv; c += VW) {
-            const vf a = *(const vf*)(xr + c);
+            const vf a = load(xr + c);
             acc += a * a;
         }
         float ss = hsum(acc);
-        for (int c = Cv; c < C; c++) ss += xr[c] * xr[c];
+        for (int c = Cv; c < C; c++) ss += load1(xr + c) * load1(xr + c);
         const float rs = 1.f / sqrtf(ss / C + eps);
         rstd[r] = rs;
         const vf rv = splat(rs);
-        for (int c = 0; c < Cv; c += VW) *(vf*)(orow + c) = *(const vf*)(w + c) * (*(const vf*)(xr + c) * rv);
-        for (int c = Cv; c < C; c++) orow[c] = w[c] * (xr[c] * rs);
+        for (int c = 0; c < Cv; c += VW) {
+            const vf n = load(xr + c) * rv;
+            store(orow + c, *(const vf*)(w + c) * (round_normed ? rounded(n, xr) : n));
+        }
+        for (int c = Cv; c < C; c++) {
+            const float n = load1(xr + c) * rs;
+            store1(orow + c, w[c] * (round_normed ? rounded1(n, xr) : n));
+        }
     }
 }
 
 // dx = rstd (dy w) - x rstd^3 mean(dy w x): d/dx of w x rstd(x)
-extern "C" void litft_rmsnorm_backward(int nthreads, long rows, int C, const float* x, const float* w,
-                                       const float* rstd, const float* dy, float* dx) {
+template <class T>
+static void rmsnorm_backward(int nthreads, long rows, int C, const T* x, const float* w, const float* rstd,
+                             const T* dy, T* dx) {
     const int Cv = C & ~(VW - 1);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < rows; r++) {
-        const float *xr = x + r * C, *dr = dy + r * C;
-        float* o = dx + r * C;
+        const T *xr = x + r * C, *dr = dy + r * C;
+        T* o = dx + r * C;
         const float rs = rstd[r];
         vf acc = splat(0.f);
-        for (int c = 0; c < Cv; c += VW) acc += *(const vf*)(dr + c) * *(const vf*)(w + c) * *(const vf*)(xr + c);
+        for (int c = 0; c < Cv; c += VW) acc += load(dr + c) * *(const vf*)(w + c) * load(xr + c);
         float dot = hsum(acc);
-        for (int c = Cv; c < C; c++) dot += dr[c] * w[c] * xr[c];
+        for (int c = Cv; c < C; c++) dot += load1(dr + c) * w[c] * load1(xr + c);
         const float k = rs * rs * rs * dot / C;
         const vf kv = splat(k), rv = splat(rs);
         for (int c = 0; c < Cv; c += VW)
-            *(vf*)(o + c) = rv * *(const vf*)(dr + c) * *(const vf*)(w + c) - *(const vf*)(xr + c) * kv;
-        for (int c = Cv; c < C; c++) o[c] = rs * dr[c] * w[c] - xr[c] * k;
+            store(o + c, rv * load(dr + c) * *(const vf*)(w + c) - load(xr + c) * kv);
+        for (int c = Cv; c < C; c++) store1(o + c, rs * load1(dr + c) * w[c] - load1(xr + c) * k);
     }
+}
+
+extern "C" void litft_rmsnorm_forward(int nthreads, long rows, int C, float eps, const float* x, const float* w,
+                                      float* out, float* rstd) {
+    rmsnorm_forward(nthreads, rows, C, eps, x, w, out, rstd, false);
+}
+extern "C" void litft_rmsnorm_forward_bf16(int nthreads, long rows, int C, float eps, const bf16* x, const float* w,
+                                           bf16* out, float* rstd, int round_normed) {
+    rmsnorm_forward(nthreads, rows, C, eps, x, w, out, rstd, round_normed != 0);
+}
+extern "C" void litft_rmsnorm_backward(int nthreads, long rows, int C, const float* x, const float* w,
+                                       const float* rstd, const float* dy, float* dx) {
+    rmsnorm_backward(nthreads, rows, C, x, w, rstd, dy, dx);
+}
+extern "C" void litft_rmsnorm_backward_bf16(int nthreads, long rows, int C, const bf16* x, const float* w,
+                                            const float* rstd, const bf16* dy, bf16* dx) {
+    rmsnorm_backward(nthreads, rows, C, x, w, rstd, dy, dx);
 }
 
 // ------------------------------------------------------------------------------------------ SwiGLU
@@ -381,29 +444,48 @@ static inline float sigmoid1(float g) {
 }
 
 // out = silu(gate) * up over n contiguous elements
-extern "C" void litft_swiglu_forward(int nthreads, long n, const float* gate, const float* up, float* out) {
+template <class T>
+static void swiglu_forward(int nthreads, long n, const T* gate, const T* up, T* out) {
     const long nv = n / VW;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < nv; i++) {
-        const vf g = *(const vf*)(gate + VW * i);
-        *(vf*)(out + VW * i) = g * sigmoid(g) * *(const vf*)(up + VW * i);
+        const vf g = load(gate + VW * i);
+        store(out + VW * i, g * sigmoid(g) * load(up + VW * i));
     }
-    for (long i = VW * nv; i < n; i++) out[i] = gate[i] * sigmoid1(gate[i]) * up[i];
+    for (long i = VW * nv; i < n; i++) {
+        const float g = load1(gate + i);
+        store1(out + i, g * sigmoid1(g) * load1(up + i));
+    }
 }
 
 // d up = dy silu(g);  d gate = dy up silu'(g), silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g)
-extern "C" void litft_swiglu_backward(int nthreads, long n, const float* gate, const float* up, const float* dy,
-                                      float* dgate, float* dup) {
+template <class T>
+static void swiglu_backward(int nthreads, long n, const T* gate, const T* up, const T* dy, T* dgate, T* dup) {
     const long nv = n / VW;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < nv; i++) {
-        const vf g = *(const vf*)(gate + VW * i), d = *(const vf*)(dy + VW * i), s = sigmoid(g);
-        *(vf*)(dup + VW * i) = d * g * s;
-        *(vf*)(dgate + VW * i) = d * *(const vf*)(up + VW * i) * s * (splat(1.f) + g * (splat(1.f) - s));
+        const vf g = load(gate + VW * i), d = load(dy + VW * i), s = sigmoid(g);
+        store(dup + VW * i, d * g * s);
+        store(dgate + VW * i, d * load(up + VW * i) * s * (splat(1.f) + g * (splat(1.f) - s)));
     }
     for (long i = VW * nv; i < n; i++) {
-        const float g = gate[i], s = sigmoid1(g);
-        dup[i] = dy[i] * g * s;
-        dgate[i] = dy[i] * up[i] * s * (1.f + g * (1.f - s));
+        const float g = load1(gate + i), d = load1(dy + i), s = sigmoid1(g);
+        store1(dup + i, d * g * s);
+        store1(dgate + i, d * load1(up + i) * s * (1.f + g * (1.f - s)));
     }
+}
+
+extern "C" void litft_swiglu_forward(int nthreads, long n, const float* gate, const float* up, float* out) {
+    swiglu_forward(nthreads, n, gate, up, out);
+}
+extern "C" void litft_swiglu_forward_bf16(int nthreads, long n, const bf16* gate, const bf16* up, bf16* out) {
+    swiglu_forward(nthreads, n, gate, up, out);
+}
+extern "C" void litft_swiglu_backward(int nthreads, long n, const float* gate, const float* up, const float* dy,
+                                      float* dgate, float* dup) {
+    swiglu_backward(nthreads, n, gate, up, dy, dgate, dup);
+}
+extern "C" void litft_swiglu_backward_bf16(int nthreads, long n, const bf16* gate, const bf16* up, const bf16* dy,
+                                           bf16* dgate, bf16* dup) {
+    swiglu_backward(nthreads, n, gate, up, dy, dgate, dup);
 }

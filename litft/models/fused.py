@@ -49,14 +49,14 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        if native.usable(gate, up):  # one pass instead of two (litft/native.py)
+        if native.usable(gate, up, bf16=True):  # one pass instead of two (litft/native.py)
             return native.swiglu_forward(gate, up)
         return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        if native.usable(gate, up, grad):
+        if native.usable(gate, up, grad, bf16=True):
             return native.swiglu_backward(gate, up, grad)
         grad_up = F.silu(gate).mul_(grad)  # silu recomputed: one pass, instead of keeping it
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # torch's fused d silu / d gate
@@ -70,8 +70,9 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
         ctx.unit_offset = unit_offset
-        if native.usable(x, weight):  # one pass instead of four (litft/native.py)
-            out, rstd = native.rmsnorm_forward(x, weight + 1.0 if unit_offset else weight, eps)
+        if native.usable(x, weight, bf16=True):  # one pass instead of four (litft/native.py)
+            scale = weight.float() + 1.0 if unit_offset else weight
+            out, rstd = native.rmsnorm_forward(x, scale, eps, round_normed=not unit_offset)
             ctx.save_for_backward(x, weight, rstd)
             return out
         h = x.float()
@@ -86,7 +87,7 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         scale = weight.float() + 1.0 if ctx.unit_offset else weight.float()
         x_hat = None
-        if native.usable(x, scale, grad):
+        if native.usable(x, grad, bf16=True):
             grad_x = native.rmsnorm_backward(x, scale, rstd, grad)
         else:
             x_hat = x.float() * rstd
