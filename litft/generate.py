@@ -1,10 +1,9 @@
 """Token generation with the KV cache, and `litft generate`."""
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from litft import cpu_kernels
 from litft.checkpoint import load_model
 from litft.data.prompts import PromptStyle, _encoded_stops
 from litft.models.gpt import GPT
+from litft.threads import ThreadChooser
 from litft.tokenizer import Tokenizer
 from litft.utils import LitftError
 
@@ -66,51 +66,6 @@ def small_rows_linears(model: nn.Module) -> Iterator[None]:
             layer.__dict__.pop("forward", None)
 
 
-class DecodeThreads:
-    """The intra-op thread count for decoding steps, chosen by timing them.
-
-    A decoding step runs a few hundred tiny parallel regions (every projection, norm and activation of one token).
-    On a quiet machine more threads stream the weights faster; when other processes hold the cores, each region
-    waits for whichever of its threads the scheduler has put aside, and two threads decoded ~5x slower than one
-    (`benchmarks/README.md`, "Greedy decoding"). The load can change while a chat runs, so the steps probe: `PROBE`
-    steps with all threads, then `PROBE` with one; all threads serve until the next probe only if their median step
-    was clearly faster (`MARGIN`: a lull in the other jobs can flatter them, and a wrong pick of all threads costs far
-    more than a wrong pick of one). The next probe comes `EVERY` steps later, and twice as late each time one thread
-    wins again (up to `MAX_EVERY`), since under load the all-threads probe steps are the slow ones. Results do not
-    depend on the count: each decoding kernel sums in a fixed order.
-    """
-
-    PROBE, EVERY, MAX_EVERY, MARGIN = 3, 32, 512, 0.85
-
-    def __init__(self) -> None:
-        self.full = torch.get_num_threads()
-        self.best, self.step, self.probe_at, self.every = self.full, 0, 0, self.EVERY
-        self.timed: dict[int, list[float]] = {}
-
-    def _probe_step(self) -> int | None:
-        """This step's place in the current probe (0 .. 2 PROBE - 1), or None outside one."""
-        k = self.step - self.probe_at
-        return k if self.full > 1 and 0 <= k < 2 * self.PROBE else None
-
-    def threads(self) -> int:
-        k = self._probe_step()
-        if k is None:
-            return self.best
-        return self.full if k < self.PROBE else 1
-
-    def record(self, threads: int, seconds: float) -> None:
-        """The step just run took `seconds` with `threads` threads."""
-        k = self._probe_step()
-        if k is not None:
-            self.timed.setdefault(threads, []).append(seconds)
-            if k == 2 * self.PROBE - 1:
-                full, one = (statistics.median(self.timed.pop(n)) for n in (self.full, 1))
-                self.best = self.full if full < self.MARGIN * one else 1
-                self.every = self.EVERY if self.best == self.full else min(2 * self.every, self.MAX_EVERY)
-                self.probe_at = self.step + 1 + self.every
-        self.step += 1
-
-
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -138,24 +93,20 @@ def generate(
     model.eval()
     if use_cache:
         model.set_kv_cache(1, total)
-    decode_threads = DecodeThreads()
+    # decoding steps run hundreds of tiny parallel regions: their thread count is chosen by timing them (see
+    # litft/threads.py); the prompt's prefill, one large forward pass, runs with all threads
+    decode_threads = ThreadChooser(probe=3)
     try:
         with small_rows_linears(model):
             pos, step_input = 0, tokens
             for i in range(max_new_tokens):
-                if use_cache and i > 0:  # a decoding step (the first call is the prompt's prefill: all threads)
-                    threads = decode_threads.threads()
-                    if threads != torch.get_num_threads():
-                        torch.set_num_threads(threads)
-                    t0 = time.perf_counter()
-                if use_cache:
-                    logits = model(step_input, input_pos=pos, output="last")
-                    pos += step_input.shape[1]
-                else:
-                    logits = model(tokens, output="last")
-                nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
-                if use_cache and i > 0:
-                    decode_threads.record(threads, time.perf_counter() - t0)
+                with decode_threads.step() if use_cache and i > 0 and tokens.is_cpu else nullcontext():
+                    if use_cache:
+                        logits = model(step_input, input_pos=pos, output="last")
+                        pos += step_input.shape[1]
+                    else:
+                        logits = model(tokens, output="last")
+                    nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 step_input = nxt[:, None]
                 if on_token is not None:
@@ -165,7 +116,7 @@ def generate(
                         or (stop_when is not None and stop_when(new_ids))):
                     break
     finally:
-        torch.set_num_threads(decode_threads.full)
+        decode_threads.close()
         if use_cache:
             model.clear_kv_cache()
         model.train(was_training)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +31,7 @@ from litft.data.base import DataModule
 from litft.distributed import (check_devices_fit, check_launched_processes, check_resume_world, cluster_plugins,
                                fsdp_unsupported, full_state_dict, is_sharded, make_strategy, unsharded_copy)
 from litft.generate import generate
+from litft.threads import ThreadChooser
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.ray_launch import RayArgs, check_ray, launch_ray
 from litft.tokenizer import Tokenizer
@@ -418,30 +419,35 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
     batches = micro_batches(train_loader, train_sampler, state)
     progress = _progress_bar(fabric, total_steps, state["step"])
     tokens_seen, t0 = 0, time.perf_counter()
+    # a single CPU process: the step's thread count is chosen by timing steps (litft/threads.py), so a machine
+    # other jobs keep busy does not stall every parallel region of the step; several processes share the cores
+    # by their own settings (torchrun: one thread each)
+    step_threads = ThreadChooser(probe=1) if fabric.device.type == "cpu" and world == 1 else None
     try:
         while state["step"] < total_steps:
-            micro = [next(batches) for _ in range(accum)]
-            counts = torch.tensor([float(method.loss_count(b)) for b in micro]).sum()  # target tokens (DPO: pairs)
-            n_global = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").item()
-            if n_global == 0:
-                raise LitftError("a global batch has no target tokens (every label is masked); check the data")
-            loss_sum = torch.zeros((), device=fabric.device)
-            for i, batch in enumerate(micro):
-                with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                    loss = model.training_step(batch)
-                    fabric.backward(loss * (world / n_global))  # DDP averages over ranks: undo that, see module doc
-                loss_sum += loss.detach()
-                tokens_seen += batch["input_ids"].numel()
-            total_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / n_global
-            extra = {k: fabric.all_reduce(v, reduce_op="sum").item() / n_global  # e.g. DPO's rewards, per pair
-                     for k, v in sorted(method.pop_metric_sums().items())}
-            if not math.isfinite(total_loss):
-                raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
-                                 "or check the data; no checkpoint was written for this step")
-            grad_norm = clip_gradients(fabric, model, optimizer, train.max_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with step_threads.step() if step_threads else nullcontext():
+                micro = [next(batches) for _ in range(accum)]
+                counts = torch.tensor([float(method.loss_count(b)) for b in micro]).sum()  # target tokens (DPO: pairs)
+                n_global = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").item()
+                if n_global == 0:
+                    raise LitftError("a global batch has no target tokens (every label is masked); check the data")
+                loss_sum = torch.zeros((), device=fabric.device)
+                for i, batch in enumerate(micro):
+                    with fabric.no_backward_sync(model, enabled=i < accum - 1):
+                        loss = model.training_step(batch)
+                        fabric.backward(loss * (world / n_global))  # DDP averages over ranks: undo that, see module doc
+                    loss_sum += loss.detach()
+                    tokens_seen += batch["input_ids"].numel()
+                total_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / n_global
+                extra = {k: fabric.all_reduce(v, reduce_op="sum").item() / n_global  # e.g. DPO's rewards, per pair
+                         for k, v in sorted(method.pop_metric_sums().items())}
+                if not math.isfinite(total_loss):
+                    raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
+                                     "or check the data; no checkpoint was written for this step")
+                grad_norm = clip_gradients(fabric, model, optimizer, train.max_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             step = state["step"]
             method.after_optimizer_step(step)  # e.g. Delta-LoRA moves W; before any save of this step
@@ -473,6 +479,8 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
             if stopping:
                 raise TrainingInterrupted(interrupted_message(step, out_dir))
     finally:  # the bar ends its line before any message below it
+        if step_threads is not None:
+            step_threads.close()
         if progress is not None:
             progress.close()
 

@@ -125,15 +125,16 @@ def test_generation_stops_at_a_stop_sequence():
     assert generate(model, prompt, 20, stop_sequences=[across])[4:].tolist() == free
 
 
-def test_decode_threads_probe_pick_and_back_off():
-    """DecodeThreads: a probe is PROBE steps with all threads then PROBE with one; all threads win only when clearly
-    faster (MARGIN); after one thread wins, the next probe comes twice as late; after all threads win, EVERY steps on."""
-    from litft.generate import DecodeThreads
+def test_thread_chooser_probe_pick_and_back_off():
+    """ThreadChooser: a probe is `probe` steps with all threads then `probe` with one; all threads win only when
+    clearly faster (MARGIN); after one thread wins, the next probe comes twice as late; after all threads win, EVERY
+    steps on; close() gives back the caller's count."""
+    from litft.threads import ThreadChooser
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        chooser, seen = DecodeThreads(), []
+        chooser, seen = ThreadChooser(probe=3), []
 
         def run(steps: int, cost: dict[int, float]) -> list[int]:
             out = []
@@ -144,14 +145,20 @@ def test_decode_threads_probe_pick_and_back_off():
             seen.extend(out)
             return out
 
-        P, E = DecodeThreads.PROBE, DecodeThreads.EVERY
+        P, E = 3, ThreadChooser.EVERY
         quiet, loaded, close = {2: 0.03, 1: 0.04}, {2: 0.5, 1: 0.06}, {2: 0.9, 1: 1.0}
         assert run(2 * P + E, quiet) == [2] * P + [1] * P + [2] * E  # probe, all threads win, E steps on
         assert run(2 * P + 2 * E, loaded) == [2] * P + [1] * P + [1] * 2 * E  # one thread wins: next probe at 2E
         assert run(2 * P + 4 * E, close) == [2] * P + [1] * P + [1] * 4 * E  # not clearly faster: one, 4E
         assert run(2 * P, quiet) == [2] * P + [1] * P and run(E, quiet) == [2] * E  # quiet again: back to EVERY
+        assert run(P, quiet) == [2] * P  # the next probe's all-threads half; its one-thread half runs through step():
+        with chooser.step():
+            assert torch.get_num_threads() == 1  # the step runs with the chosen count ...
+        chooser.close()
+        assert torch.get_num_threads() == 2  # ... and the caller gets its own back
         torch.set_num_threads(1)
-        assert set(run(100, {1: 0.1}) if (chooser := DecodeThreads()) else []) == {1}  # one thread: nothing to probe
+        chooser = ThreadChooser(probe=1)
+        assert set(run(100, {1: 0.1})) == {1}  # one thread: nothing to probe
     finally:
         torch.set_num_threads(threads)
 

@@ -108,6 +108,24 @@ def test_resume_reproduces_uninterrupted_run(ckpt, task, tmp_path):
     assert full["loss"] == resumed["loss"]
 
 
+def test_thread_switching_between_steps_changes_no_bit(ckpt, task, tmp_path):
+    """A single CPU process times its steps and switches between all threads and one (litft/threads.py: with two
+    threads the first probe runs step 1 on two and step 2 on one): the adapter and the loss equal, bit for bit, those
+    of a run on one thread throughout."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        switching = run(common_args(ckpt, task, tmp_path / "a"))
+        torch.set_num_threads(1)
+        one = run(common_args(ckpt, task, tmp_path / "b"))
+    finally:
+        torch.set_num_threads(threads)
+    a = load_state_dict_file(tmp_path / "a" / "final" / "adapter.safetensors")
+    b = load_state_dict_file(tmp_path / "b" / "final" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert switching["loss"] == one["loss"]
+
+
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
