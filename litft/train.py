@@ -442,8 +442,8 @@ def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, 
                 extra = {k: fabric.all_reduce(v, reduce_op="sum").item() / n_global  # e.g. DPO's rewards, per pair
                          for k, v in sorted(method.pop_metric_sums().items())}
                 if not math.isfinite(total_loss):
-                    raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning rate "
-                                     "or check the data; no checkpoint was written for this step")
+                    raise LitftError(f"the loss became {total_loss} at step {state['step'] + 1}: lower the learning "
+                                     "rate or check the data; no checkpoint was written for this step")
                 grad_norm = clip_gradients(fabric, model, optimizer, train.max_norm)
                 optimizer.step()
                 scheduler.step()
