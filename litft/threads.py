@@ -10,17 +10,31 @@ median step was clearly faster (`MARGIN`: a lull in the other jobs can flatter t
 threads costs far more than a wrong pick of one). The next probe comes `EVERY` steps later, and twice as late each
 time one thread wins again (up to `MAX_EVERY`), since under load the all-threads probe steps are the slow ones.
 
+``LITFT_ADAPTIVE_THREADS=0`` keeps torch's thread count fixed throughout (e.g. to measure a given count).
+
 The count changes how work is split, not what is summed in which order for litft's kernels and the matmuls measured
 (a training step and a decoding step gave the same bits with 1 and 2 threads; `tests/test_model.py`).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from litft.utils import LitftError
+
+
+def adaptive() -> bool:
+    """LITFT_ADAPTIVE_THREADS, validated: '1' (the default) or '0'."""
+    value = os.environ.get("LITFT_ADAPTIVE_THREADS", "1").strip()
+    if value not in ("0", "1"):
+        raise LitftError(f"LITFT_ADAPTIVE_THREADS={value!r}: use 1 (choose the thread count by timing steps, the "
+                         "default) or 0 (keep torch's count)")
+    return value == "1"
 
 
 class ThreadChooser:
@@ -31,6 +45,7 @@ class ThreadChooser:
 
     def __init__(self, probe: int = 3) -> None:
         self.full = torch.get_num_threads()
+        self.enabled = adaptive()
         self.probe = probe
         self.best, self.n_steps, self.probe_at, self.every = self.full, 0, 0, self.EVERY
         self.timed: dict[int, list[float]] = {}
@@ -38,7 +53,7 @@ class ThreadChooser:
     def _probe_step(self) -> int | None:
         """This step's place in the current probe (0 .. 2 probe - 1), or None outside one."""
         k = self.n_steps - self.probe_at
-        return k if self.full > 1 and 0 <= k < 2 * self.probe else None
+        return k if self.enabled and self.full > 1 and 0 <= k < 2 * self.probe else None
 
     def threads(self) -> int:
         """The count the next step runs with."""

@@ -130,6 +130,7 @@ def test_thread_chooser_probe_pick_and_back_off():
     clearly faster (MARGIN); after one thread wins, the next probe comes twice as late; after all threads win, EVERY
     steps on; close() gives back the caller's count."""
     from litft.threads import ThreadChooser
+    from litft.utils import LitftError
 
     threads = torch.get_num_threads()
     try:
@@ -159,6 +160,14 @@ def test_thread_chooser_probe_pick_and_back_off():
         torch.set_num_threads(1)
         chooser = ThreadChooser(probe=1)
         assert set(run(100, {1: 0.1})) == {1}  # one thread: nothing to probe
+        torch.set_num_threads(2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LITFT_ADAPTIVE_THREADS", "0")
+            chooser = ThreadChooser(probe=1)
+            assert set(run(100, loaded)) == {2}  # switched off: torch's count throughout
+            mp.setenv("LITFT_ADAPTIVE_THREADS", "yes")
+            with pytest.raises(LitftError, match="LITFT_ADAPTIVE_THREADS='yes': use 1 .* or 0"):
+                ThreadChooser()
     finally:
         torch.set_num_threads(threads)
 
