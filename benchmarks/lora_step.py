@@ -332,6 +332,9 @@ def child(args) -> None:
                own_cores=own_cores, other_cores=other_cores)
     if args.account:
         res.update(memory_account(model, opt, saved))
+        status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+        # after the steps: anonymous memory (tensors, allocator) vs file-backed pages (libraries, mapped checkpoint)
+        res.update({k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")})
     if prof is not None:
         prof.stop()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows), flush=True)
@@ -598,12 +601,13 @@ def print_account(rows: list[tuple[str, dict]]) -> None:
     allocator slack, libraries, the interpreter)."""
     print("\n## memory account (MB; training peak = VmHWM over the steps, reset after loading)\n")
     print("| run | seq | weights | saved activations | LoRA params + grads + AdamW | rest (workspace, allocator, "
-          "libraries) | training peak | whole-process peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+          "libraries) | training peak | whole-process peak RSS | RSS after the steps: anonymous / file-backed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         w, a, o, peak = r["weights_b"] / 2**20, r["saved_b"] / 2**20, r["lora_opt_b"] / 2**20, r["train_peak_mb"]
+        end = f"{r['RssAnon']:.0f} / {r['RssFile']:.0f}" if "RssAnon" in r else "-"
         print(f"| {name} | {r['seq']} | {w:.0f} | {a:.0f} | {o:.0f} | {peak - w - a - o:.0f} | {peak:.0f} | "
-              f"{r['peak_rss_mb']:.0f} |")
+              f"{r['peak_rss_mb']:.0f} | {end} |")
 
 
 def scale(args) -> None:
