@@ -47,10 +47,23 @@ import time
 from pathlib import Path
 
 V, D, L, NH, NKV, HD, FF = 49152, 576, 30, 9, 3, 64, 1536
+# `--model`: the litft config whose shape the step runs at; `use_model` rebinds the shape constants above
+MODELS = {"135m": "SmolLM2-135M", "360m": "SmolLM2-360M", "1b": "Llama-3.2-1B"}
+MODEL = "135m"
 R, ALPHA, LR = 16, 32.0, 2e-4
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED, DATA_SEED = 0, 1234
+
+
+def use_model(key: str) -> None:
+    """Run at another model's shape: rebind the module's shape constants (every function reads them)."""
+    global V, D, L, NH, NKV, HD, FF, MODEL
+    from litft.models.config import Config
+
+    c = Config.from_name(MODELS[key])
+    V, D, L, NH, NKV, HD, FF, MODEL = (c.vocab_size, c.n_embd, c.n_layer, c.n_head, c.n_kv_head, c.head_dim,
+                                       c.intermediate_size, key)
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -179,6 +192,13 @@ def roofline(seq: int, batch: int, r: int = R, reps: int = 10) -> tuple[list[dic
 def hf_config():
     from transformers import LlamaConfig
 
+    if MODEL != "135m":  # the shape from litft's own config (rope theta, llama3 rope scaling of Llama-3.2-1B)
+        from litft.models.config import Config
+        from litft.models.hf import config_to_hf
+
+        cfg = LlamaConfig(**config_to_hf(Config.from_name(MODELS[MODEL])))
+        cfg._attn_implementation = "sdpa"
+        return cfg
     cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=L,
                       num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=8192,
                       rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
@@ -186,9 +206,10 @@ def hf_config():
     return cfg
 
 
-def prepare(out: Path, dtype_name: str) -> None:
+def prepare(out: Path, dtype_name: str, hf_too: bool = False) -> None:
     """The base weights for litft: HF init (seed 0) converted to a litft checkpoint. The HF child
-    re-creates the identical weights by the same seeded init (checked by the equal step-1 losses)."""
+    re-creates the identical weights by the same seeded init (checked by the equal step-1 losses).
+    `hf_too` (QLoRA): also save them as an HF checkpoint, which bitsandbytes quantizes while it loads."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -200,8 +221,10 @@ def prepare(out: Path, dtype_name: str) -> None:
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(hf_config()).to(dtype)
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    config = Config.from_name("SmolLM2-135M")
+    config = Config.from_name(MODELS[MODEL])
     save_checkpoint(dict(hf_to_litft(config, sd.items())), config, out / "litft")
+    if hf_too:
+        model.save_pretrained(out / "hf")
 
 
 def child(args) -> None:
@@ -214,7 +237,8 @@ def child(args) -> None:
         from litft.methods.lora import LoRA
 
         m = LoRA(checkpoint_dir=Path(args.ckpt) / "litft", r=args.rank, alpha=ALPHA, dropout=0.0, targets=TARGETS, lr=LR,
-                 warmup_steps=0, gradient_checkpointing=args.gradient_checkpointing)
+                 warmup_steps=0, gradient_checkpointing=args.gradient_checkpointing,
+                 **({"quantize": "bnb.nf4-dq"} if args.qlora else {}))
         m.configure_model()
         m.train()
         opt, _ = m.configure_optimizers()
@@ -224,7 +248,8 @@ def child(args) -> None:
 
         path = ("litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric); fp32 CPU matmuls: "
                 + ("oneDNN" if onednn_enabled() else "torch (MKL)") + "; attention, RMSNorm, SwiGLU: "
-                + ("litft's kernels (litft/native.py)" if native.enabled() else "torch (SDPA, ...)"))
+                + ("litft's kernels (litft/native.py)" if native.enabled() else "torch (SDPA, ...)")
+                + ("; QLoRA: quantize bnb.nf4-dq (litft.adapters.quantize.load_quantized_model)" if args.qlora else ""))
 
         def forward(x):
             return m.training_step({"input_ids": x, "labels": x}) / (x.shape[0] * (x.shape[1] - 1))
@@ -232,12 +257,21 @@ def child(args) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaForCausalLM
 
-        model = LlamaForCausalLM(hf_config())  # seed 0: the same init `prepare` wrote for litft
-        model = model.to(dtype)
+        if args.qlora:  # the standard HF QLoRA: bitsandbytes quantizes the checkpoint `prepare` saved while loading it
+            from transformers import BitsAndBytesConfig
+
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=dtype)
+            model = LlamaForCausalLM.from_pretrained(Path(args.ckpt) / "hf", quantization_config=bnb, dtype=dtype,
+                                                     device_map="cpu", attn_implementation="sdpa")
+        else:
+            model = LlamaForCausalLM(hf_config())  # seed 0: the same init `prepare` wrote for litft
+            model = model.to(dtype)
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-        path = "transformers LlamaForCausalLM (sdpa) + peft get_peft_model"
+        path = "transformers LlamaForCausalLM (sdpa) + peft get_peft_model" + (
+            " + bitsandbytes BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute fp32)" if args.qlora else "")
 
         def forward(x):
             return model(input_ids=x, labels=x).loss
@@ -259,13 +293,18 @@ def child(args) -> None:
         hwm_reset = False
     times, losses = [], []
     busy0 = own0 = wall0 = None
+    saved: dict[int, int] = {}  # `--account`: storage -> bytes autograd keeps for backward (warmup step's forward)
     for i in range(args.steps + 1):
         if i == 1:  # step 0 is warmup; measure the machine's load over the timed steps
             busy0, own0, wall0 = busy_jiffies(), own_jiffies(), time.perf_counter()
             if prof is not None:
                 prof.start()
         t0 = time.perf_counter()
-        loss = forward(x)
+        if i == 0 and args.account:
+            with torch.autograd.graph.saved_tensors_hooks(*saved_activation_hooks(model, saved)):
+                loss = forward(x)
+        else:
+            loss = forward(x)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -291,10 +330,41 @@ def child(args) -> None:
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, setup_rss_mb=setup_rss,
                train_peak_mb=hwm if hwm_reset else None, loss_first=losses[0], loss_last=losses[-1],
                own_cores=own_cores, other_cores=other_cores)
+    if args.account:
+        res.update(memory_account(model, opt, saved))
+        status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+        # after the steps: anonymous memory (tensors, allocator) vs file-backed pages (libraries, mapped checkpoint)
+        res.update({k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")})
     if prof is not None:
         prof.stop()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows), flush=True)
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def saved_activation_hooks(model, saved: dict[int, int]):
+    """saved_tensors_hooks that record every storage autograd keeps for backward (once, at its full size),
+    leaving out the model's own parameters and buffers; tensors pass through unchanged (as in
+    benchmarks/method_memory.py)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    return pack, lambda t: t
+
+
+def memory_account(model, opt, saved: dict[int, int]) -> dict[str, int]:
+    """Bytes of the frozen base weights (quantized: codes + statistics; tied tensors once), of the activations
+    saved for backward (one forward), and of the trainable parameters + their gradients + AdamW's state."""
+    from litft.adapters.quantize import weight_bytes  # counts bnb 4-bit layers of HF models too
+
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if hasattr(t, "numel"))
+    return dict(weights_b=weight_bytes(model)["total"] - trainable, saved_b=sum(saved.values()),
+                lora_opt_b=2 * trainable + state)
 
 
 def run_litgpt(args) -> dict:
@@ -327,7 +397,10 @@ def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
     if impl == "litft_torch":  # litft with torch's SDPA, RMSNorm and SwiGLU ops instead of litft/native.py's kernels
         impl, env["LITFT_CPU_KERNELS"] = "litft", "torch"
     cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
-           str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype, "--rank", str(args.rank)]
+           str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype, "--rank", str(args.rank),
+           "--model", args.model]
+    cmd += ["--account"] if args.account else []
+    cmd += ["--qlora"] if args.qlora else []
     if args.gradient_checkpointing and impl == "litft":
         cmd.append("--gradient-checkpointing")
     if profile:
@@ -345,7 +418,7 @@ def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None, help="default 2 (--scale: 1)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 1 warmup step)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs")
     ap.add_argument("--only", choices=["litft", "hf", "litgpt"])
@@ -365,6 +438,18 @@ def main() -> None:
                     help="instead of the main comparison: litft vs HF over seq 256..2048 (r 16) and r 8..128 (seq 512), "
                          "one run each, alternating")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--model", choices=list(MODELS), default="135m",
+                    help="the shape: " + ", ".join(f"{k} = {v}" for k, v in MODELS.items()) + " (random HF init, seed 0)")
+    ap.add_argument("--scale", action="store_true",
+                    help="instead of the main comparison: litft vs HF per model of --models and sequence length of "
+                         "--seqs (batch 1 unless --batch), one run each, alternating, with the memory account")
+    ap.add_argument("--models", default="135m,360m,1b", help="--scale: comma-separated --model values")
+    ap.add_argument("--seqs", default="512,1024,2048,4096", help="--scale: comma-separated sequence lengths")
+    ap.add_argument("--account", action="store_true",
+                    help="also report where memory goes: base weight bytes, saved-activation bytes (saved_tensors_hooks, "
+                         "warmup step), LoRA params + grads + AdamW state, the rest of the training peak")
+    ap.add_argument("--qlora", action="store_true",
+                    help="QLoRA: litft quantize=bnb.nf4-dq vs HF + peft + bitsandbytes (nf4, double quant, fp32 compute)")
     ap.add_argument("--profile", choices=["litft", "hf"], help="instead of timing: torch.profiler top ops of one run")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--no-roofline", action="store_true")
@@ -373,8 +458,10 @@ def main() -> None:
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.batch = args.batch or (1 if args.scale else 2)
+    use_model(args.model)
     if args.prepare:
-        return prepare(Path(args.prepare), args.dtype)
+        return prepare(Path(args.prepare), args.dtype, hf_too=args.qlora)
     if args.child:
         return child(args)
 
@@ -392,6 +479,11 @@ def main() -> None:
     print(f"bf16: {'avx512_bf16/amx present: bf16 dot products run in hardware' if mi['bf16_hw'] else 'no bf16 hardware: bf16 is emulated, use fp32'}"
           f"{'' if mi['amx'] else ' (no AMX tiles)'}")
     print(f"load average at start: {loadavg()}")
+    if args.scale:
+        return scale(args)
+    if args.model != "135m" or args.qlora:
+        print(f"model: the {MODELS[args.model]} shape (vocab {V}, d {D}, {L} layers, {NH} heads / {NKV} kv heads, "
+              f"MLP {FF}, tied){'; QLoRA: the frozen base quantized to nf4 with double quantization' if args.qlora else ''}")
 
     fm = flop_model(args.seq)
     print(f"\n## FLOP model (per token, seq {args.seq})")
@@ -399,7 +491,7 @@ def main() -> None:
     print(f"  6 * N_lora    = 6 * {fm['n_lora']/1e6:.3f}M = {fm['lora']/1e6:.1f} MFLOP")
     print(f"  attention     = n_layer * 3 * 4 * d_attn * T = {L} * 12 * {NH*HD} * {args.seq} = {fm['attn']/1e6:.1f} MFLOP "
           f"(full square; causal kernels may skip {fm['attn_causal_saving']/1e6:.1f})")
-    print(f"  total         = {fm['total']/1e6:.1f} MFLOP/token  (reference: ~673)")
+    print(f"  total         = {fm['total']/1e6:.1f} MFLOP/token" + ("  (reference: ~673)" if args.model == "135m" else ""))
     print(f"  (litft forms the head's input gradient inside the loss's forward: no logits kept or recomputed)")
 
     peak = None
@@ -423,10 +515,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="litft-bench-") as tmp:
         ckpt = Path(tmp)
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, __file__, "--prepare", tmp, "--dtype", args.dtype], capture_output=True,
-                           text=True)
-        if p.returncode != 0:
-            sys.exit(f"preparing the weights failed:\n{p.stderr[-3000:]}")
+        prepare_weights(args, ckpt)
         print(f"\nshared base weights (HF init, seed {SEED}) written in {time.perf_counter() - t:.1f}s")
 
         if args.profile:
@@ -483,6 +572,12 @@ def main() -> None:
         if "hf" in impls:
             print(f"loss at step 1 (same weights, same tokens; ln V = {math.log(V):.3f}): "
                   f"litft {results['litft'][0]['loss_first']:.6f}, HF {results['hf'][0]['loss_first']:.6f}")
+        if args.qlora and "hf" in impls:
+            rss, tok = med["litft"]["peak_rss_mb"] / med["hf"]["peak_rss_mb"], med["litft"]["tok_s"] / med["hf"]["tok_s"]
+            print(f"QLoRA goal (<= 0.6x HF + bnb's peak RSS at >= 1.3x its tokens/s): peak RSS {rss:.2f}x "
+                  f"({'met' if rss <= 0.6 else 'NOT met'}), tokens/s {tok:.2f}x ({'met' if tok >= 1.3 else 'NOT met'})")
+    if args.account:
+        print_account([(impl, r) for impl in impls for r in results[impl]])
 
 
 def describe(r: dict) -> str:
@@ -492,6 +587,56 @@ def describe(r: dict) -> str:
     train = f"train_peak {r['train_peak_mb']:6.0f}MB  " if r["train_peak_mb"] is not None else ""
     return (f"step {r['step_s']:6.2f}s  {r['tok_s']:7.1f} tok/s  {split}peak_rss {r['peak_rss_mb']:6.0f}MB {train}"
             f"loss {r['loss_first']:.5f}->{r['loss_last']:.5f}  {cores}")
+
+
+def prepare_weights(args, ckpt: Path) -> None:
+    p = subprocess.run([sys.executable, __file__, "--prepare", str(ckpt), "--dtype", args.dtype, "--model", args.model]
+                       + (["--qlora"] if args.qlora else []), capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"preparing the weights failed:\n{p.stderr[-3000:]}")
+
+
+def print_account(rows: list[tuple[str, dict]]) -> None:
+    """Where the training peak goes, per run: weights + saved activations + LoRA/AdamW + the rest (workspace,
+    allocator slack, libraries, the interpreter)."""
+    print("\n## memory account (MB; training peak = VmHWM over the steps, reset after loading)\n")
+    print("| run | seq | weights | saved activations | LoRA params + grads + AdamW | rest (workspace, allocator, "
+          "libraries) | training peak | whole-process peak RSS | RSS after the steps: anonymous / file-backed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        w, a, o, peak = r["weights_b"] / 2**20, r["saved_b"] / 2**20, r["lora_opt_b"] / 2**20, r["train_peak_mb"]
+        end = f"{r['RssAnon']:.0f} / {r['RssFile']:.0f}" if "RssAnon" in r else "-"
+        print(f"| {name} | {r['seq']} | {w:.0f} | {a:.0f} | {o:.0f} | {peak - w - a - o:.0f} | {peak:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {end} |")
+
+
+def scale(args) -> None:
+    """litft vs HF per model shape and sequence length: one run each, alternating, with the memory account."""
+    args.account = True
+    models, seqs = args.models.split(","), [int(s) for s in args.seqs.split(",")]
+    print(f"\n## scale (batch {args.batch}, r {args.rank}, {args.steps} timed steps after 1 warmup, {args.dtype}; "
+          f"one run per cell, litft then HF)\n")
+    print("| model | seq | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | "
+          "litft train peak MB | HF train peak MB | litft GFLOP/s | loss step 1 litft / HF | other cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    account: list[tuple[str, dict]] = []
+    for key in models:
+        use_model(key)
+        args.model = key
+        with tempfile.TemporaryDirectory(prefix="litft-bench-") as tmp:
+            prepare_weights(args, Path(tmp))
+            for seq in seqs:
+                args.seq = seq
+                a, b = run_child("litft", args, Path(tmp)), run_child("hf", args, Path(tmp))
+                gf = a["tok_s"] * flop_model(seq, args.rank)["total"] / 1e9
+                print(f"| {MODELS[key]} | {seq} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f} | "
+                      f"{a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} | "
+                      f"{a['train_peak_mb']:.0f} | {b['train_peak_mb']:.0f} | {gf:.1f} | "
+                      f"{a['loss_first']:.5f} / {b['loss_first']:.5f} | {a['other_cores']:.2f} / {b['other_cores']:.2f} |",
+                      flush=True)
+                account += [(f"{MODELS[key]} litft", a), (f"{MODELS[key]} HF", b)]
+    print(f"\nload average at end: {loadavg()}")
+    print_account(account)
 
 
 def sweep(args, ckpt: Path, peak: float | None) -> None:
