@@ -67,6 +67,10 @@ def use_model(key: str) -> None:
 
 
 # ----------------------------------------------------------------------------- FLOP model
+BUSY_LOOP = ("import torch; torch.set_num_threads(1); a = torch.randn(512, 512)\n"
+             "while True: a = (a @ a).tanh_()")  # another job on the machine (as in generate_speed.py)
+
+
 def flop_model(seq: int, r: int = R) -> dict[str, float]:
     """FLOP per token of one LoRA training step (forward + backward), matmuls only.
 
@@ -294,23 +298,30 @@ def child(args) -> None:
     times, losses = [], []
     busy0 = own0 = wall0 = None
     saved: dict[int, int] = {}  # `--account`: storage -> bytes autograd keeps for backward (warmup step's forward)
+    # litft's training loop times its steps and picks all threads or one (litft/threads.py): so does its contender
+    from contextlib import nullcontext
+
+    from litft.threads import ThreadChooser
+
+    chooser = ThreadChooser(probe=1) if args.child == "litft" else None
     for i in range(args.steps + 1):
         if i == 1:  # step 0 is warmup; measure the machine's load over the timed steps
             busy0, own0, wall0 = busy_jiffies(), own_jiffies(), time.perf_counter()
             if prof is not None:
                 prof.start()
-        t0 = time.perf_counter()
-        if i == 0 and args.account:
-            with torch.autograd.graph.saved_tensors_hooks(*saved_activation_hooks(model, saved)):
+        with chooser.step() if chooser else nullcontext():
+            t0 = time.perf_counter()
+            if i == 0 and args.account:
+                with torch.autograd.graph.saved_tensors_hooks(*saved_activation_hooks(model, saved)):
+                    loss = forward(x)
+            else:
                 loss = forward(x)
-        else:
-            loss = forward(x)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
         times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
         losses.append(loss.item())
     hz = os.sysconf("SC_CLK_TCK")
@@ -396,6 +407,8 @@ def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
         impl, env["LITFT_CPU_MATMUL"] = "litft", "torch"
     if impl == "litft_torch":  # litft with torch's SDPA, RMSNorm and SwiGLU ops instead of litft/native.py's kernels
         impl, env["LITFT_CPU_KERNELS"] = "litft", "torch"
+    if impl == "litft_fixed":  # litft keeping torch's thread count (no ThreadChooser): what the chooser buys
+        impl, env["LITFT_ADAPTIVE_THREADS"] = "litft", "0"
     cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
            str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype, "--rank", str(args.rank),
            "--model", args.model]
@@ -438,6 +451,11 @@ def main() -> None:
                     help="instead of the main comparison: litft vs HF over seq 256..2048 (r 16) and r 8..128 (seq 512), "
                          "one run each, alternating")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--litft-fixed-threads", action="store_true",
+                    help="add litft with LITFT_ADAPTIVE_THREADS=0 (torch's thread count throughout) as a contender")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="other busy processes (a single-threaded matmul loop each) running during the timed runs: the "
+                         "shared-host case")
     ap.add_argument("--model", choices=list(MODELS), default="135m",
                     help="the shape: " + ", ".join(f"{k} = {v}" for k, v in MODELS.items()) + " (random HF init, seed 0)")
     ap.add_argument("--scale", action="store_true",
@@ -531,16 +549,25 @@ def main() -> None:
         impls = [args.only] if args.only else ["litft", "hf"] + (["litgpt"] if args.litgpt_python else [])
         impls += ["litft_mkl"] if args.litft_mkl else []
         impls += ["litft_torch"] if args.litft_torch else []
+        impls += ["litft_fixed"] if args.litft_fixed_threads else []
         if not args.only and not args.litgpt_python:
             print("\n(LitGPT not run: pass --litgpt-python, see ../shared/bench/peers_step.py for its virtualenv)")
         results: dict[str, list[dict]] = {i: [] for i in impls}
         print(f"\n## runs (seq {args.seq}, batch {args.batch}, r {args.rank}, {args.steps} timed steps after 1 warmup, "
               f"{args.dtype})")
-        for rnd in range(args.repeats):
-            for impl in impls:
-                r = run_child(impl, args, ckpt)
-                results[impl].append(r)
-                print(f"  round {rnd + 1} {impl:<6} {describe(r)}  load {loadavg()}", flush=True)
+        busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]
+        if busy:
+            print(f"({args.busy} busy process(es) running beside the contenders)")
+            time.sleep(1.0)
+        try:
+            for rnd in range(args.repeats):
+                for impl in impls:
+                    r = run_child(impl, args, ckpt)
+                    results[impl].append(r)
+                    print(f"  round {rnd + 1} {impl:<6} {describe(r)}  load {loadavg()}", flush=True)
+        finally:
+            for p in busy:
+                p.kill()
 
     print(f"\nload average at end: {loadavg()}")
     for impl in impls:
