@@ -66,6 +66,9 @@ def small_rows_linears(model: nn.Module) -> Iterator[None]:
             layer.__dict__.pop("forward", None)
 
 
+_LAST_DECODE_THREADS: dict[int, int] = {}  # torch's thread count -> the count decoding last settled on
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -94,9 +97,13 @@ def generate(
     if use_cache:
         model.set_kv_cache(1, total)
     # decoding steps run hundreds of tiny parallel regions: their thread count is chosen by timing them (see
-    # litft/threads.py); the prompt's prefill, one large forward pass, runs with all threads
+    # litft/threads.py); the prompt's prefill runs with the count the last call's decoding settled on (a chat's
+    # next turn), all threads the first time
     decode_threads = ThreadChooser(probe=3)
     try:
+        prefill_threads = _LAST_DECODE_THREADS.get(decode_threads.full, decode_threads.full)
+        if tokens.is_cpu and prefill_threads != decode_threads.full:
+            torch.set_num_threads(prefill_threads)
         with small_rows_linears(model):
             pos, step_input = 0, tokens
             for i in range(max_new_tokens):
@@ -116,6 +123,8 @@ def generate(
                         or (stop_when is not None and stop_when(new_ids))):
                     break
     finally:
+        if decode_threads.n_steps:
+            _LAST_DECODE_THREADS[decode_threads.full] = decode_threads.best
         decode_threads.close()
         if use_cache:
             model.clear_kv_cache()

@@ -172,6 +172,32 @@ def test_thread_chooser_probe_pick_and_back_off():
         torch.set_num_threads(threads)
 
 
+def test_prefill_uses_the_thread_count_decoding_settled_on(monkeypatch):
+    """The next generate() call's prefill (a chat's next turn) runs with the count the last call's decoding chose;
+    the first call's with all threads. MARGIN 0: all threads never win, so decoding settles on one."""
+    from litft import generate as gen
+    from litft.threads import ThreadChooser
+
+    monkeypatch.setattr(ThreadChooser, "MARGIN", 0.0)
+    monkeypatch.setattr(gen, "_LAST_DECODE_THREADS", {})
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=V, n_layer=1, n_embd=32, n_head=2, intermediate_size=64,
+                       max_seq_length=64)).eval()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[1], torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        prompt = torch.tensor([1, 5, 9, 33])
+        for _ in range(2):
+            generate(model, prompt, 10)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    prefills = [n for t, n in seen if t == 4]
+    assert prefills == [2, 1]
+
+
 def test_greedy_tokens_do_not_depend_on_decode_threads():
     """generate() may switch the thread count between decoding steps; the tokens are the same as with one thread
     throughout, and the caller's thread count is restored."""
