@@ -1,5 +1,5 @@
-"""litft's compiled CPU kernels (``litft/csrc/kernels.cpp``), fp32: causal attention, RMSNorm, SwiGLU, and the
-small-batch linear of decoding.
+"""litft's compiled CPU kernels (``litft/csrc/kernels.cpp``), fp32: causal attention (also within packed samples),
+RMSNorm and SwiGLU (these two in bf16 too), and the small-batch linear of decoding.
 
 Why: on CPU a LoRA step of a small Llama spends most of its non-matmul time in a few places torch serves with
 general kernels: SDPA's flash-attention kernel (~70-110 GFLOP/s of causal work on a SmolLM2 layer, against
@@ -244,8 +244,8 @@ def _load() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, c_long, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     attn = [i, i, i, i, i, i, i, f, p, c_long, c_long, c_long]  # threads, B, H, KV, T, Tp, Dh, scale, q + strides
-    lib.litft_attention_forward.argtypes = [*attn, p, p, p, p]
-    lib.litft_attention_backward.argtypes = [*attn, p, p, p, p, p, p, p, p, p]
+    lib.litft_attention_forward.argtypes = [*attn, p, p, p, p, p]
+    lib.litft_attention_backward.argtypes = [*attn, p, p, p, p, p, p, p, p, p, p]
     lib.litft_attention_forward.restype = lib.litft_attention_backward.restype = i
     lib.litft_rmsnorm_forward.argtypes = [i, c_long, i, f, p, p, p, p]
     lib.litft_rmsnorm_forward_bf16.argtypes = [i, c_long, i, f, p, p, p, p, i]
@@ -332,25 +332,42 @@ def _check(rc: int, q: Tensor, k: Tensor) -> None:
         raise RuntimeError(f"litft attention kernel rejected q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _segment_starts_arg(seg_start: Tensor | None, B: int, T: int) -> int | None:
+    if seg_start is None:
+        return None
+    if seg_start.shape != (B, T) or seg_start.dtype != torch.int32 or not seg_start.is_contiguous():
+        raise ValueError(f"seg_start must be a contiguous int32 (B, T) = ({B}, {T}) tensor, got "
+                         f"{seg_start.dtype} {tuple(seg_start.shape)}")
+    return seg_start.data_ptr()
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, seg_start: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """softmax(q k^T / sqrt(Dh), causal) v. Returns the output (B, H, T, Dh) -- a view of a (B, T, H, Dh)
     buffer, so the o_proj input is a free reshape -- plus what `attention_backward` needs: q, k, v (last
-    dimension made contiguous) and the per-row log2-sum-exp (B, H, T)."""
+    dimension made contiguous) and the per-row log2-sum-exp (B, H, T).
+
+    seg_start (B, T) int32, packed samples: query t attends to keys seg_start[b, t]..t only; non-decreasing
+    along t (contiguous segments, see `litft.models.fused.segment_starts`)."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     B, H, T, Dh = q.shape
+    ss = _segment_starts_arg(seg_start, B, T)
     kt, vp = _packed(k, transpose=True), _packed(v, transpose=False)
     o = q.new_empty(B, T, H, Dh)
     lse2 = q.new_empty(B, H, T)
     rc = _lib().litft_attention_forward(_threads(), B, H, k.shape[1], T, kt.shape[-1], Dh, 1 / math.sqrt(Dh),
-                                        q.data_ptr(), *q.stride()[:3], kt.data_ptr(), vp.data_ptr(), o.data_ptr(),
+                                        q.data_ptr(), *q.stride()[:3], kt.data_ptr(), vp.data_ptr(), ss, o.data_ptr(),
                                         lse2.data_ptr())
     _check(rc, q, k)
     return o.transpose(1, 2), q, k, v, lse2
 
 
-def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, grad: Tensor):
-    """d/dq, d/dk, d/dv (shapes of q, k, v) of sum(grad * out), out as returned by `attention_forward`."""
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, grad: Tensor,
+                       seg_start: Tensor | None = None):
+    """d/dq, d/dk, d/dv (shapes of q, k, v) of sum(grad * out), out as returned by `attention_forward` (with the
+    same seg_start)."""
     B, H, T, Dh = q.shape
+    ss = _segment_starts_arg(seg_start, B, T)
     KV = k.shape[1]
     o = out.transpose(1, 2)  # the (B, T, H, Dh) buffer
     dout = grad.transpose(1, 2).contiguous()  # free when the grad is (B, T, H, Dh)-contiguous, as o_proj's is
@@ -360,7 +377,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tenso
     dv = q.new_empty(H // KV, B, T, KV, Dh)
     rc = _lib().litft_attention_backward(_threads(), B, H, KV, T, kt.shape[-1], Dh, 1 / math.sqrt(Dh), q.data_ptr(),
                                          *q.stride()[:3], kt.data_ptr(), kp.data_ptr(), vt.data_ptr(), o.data_ptr(),
-                                         dout.data_ptr(), lse2.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+                                         dout.data_ptr(), lse2.data_ptr(), ss, dq.data_ptr(), dk.data_ptr(),
+                                         dv.data_ptr())
     _check(rc, q, k)
     dk = dk[0] if dk.shape[0] == 1 else dk.sum(0)
     dv = dv[0] if dv.shape[0] == 1 else dv.sum(0)

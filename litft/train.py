@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from litft.adapters.quantize import QuantizedEmbedding
 from litft.checkpoint import iter_safetensors, save_safetensors
 from litft.data.base import DataModule
+from litft.data.sampler import LengthGroupedSampler
 from litft.distributed import (check_devices_fit, check_launched_processes, check_resume_world, cluster_plugins,
                                fsdp_unsupported, full_state_dict, is_sharded, make_strategy, unsharded_copy)
 from litft.generate import generate
@@ -60,6 +61,11 @@ class TrainArgs:
         keep_best: with keep_last, also keep the step-N checkpoint with the lowest validation loss (among those
             written at a validation step, i.e. save_interval a multiple of eval.interval); recorded in its
             state.pt, so a resumed run keeps it too.
+        group_by_length: draw the training batches length-grouped (litft.data.LengthGroupedSampler: shuffled, then
+            sorted by length within mega-batches of 50 steps, the steps shuffled; the longest step first), so a
+            batch padded to its longest sample holds little padding; false: plain random batches
+            (DistributedSampler). Losses and masks are the same either way; only which samples share a batch
+            differs.
     """
 
     global_batch_size: int = 16
@@ -73,6 +79,7 @@ class TrainArgs:
     save_on_interrupt: bool = False
     keep_last: int | None = None
     keep_best: bool = False
+    group_by_length: bool = True
 
 
 @dataclass
@@ -332,8 +339,13 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
         raise LitftError("the training set is empty")
 
     accum = train.global_batch_size // (train.micro_batch_size * world)
-    train_sampler = DistributedSampler(data.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                       drop_last=True)
+    train_sampler: LengthGroupedSampler | DistributedSampler
+    if train.group_by_length:  # samples of similar length share a batch: little compute spent on padding
+        train_sampler = LengthGroupedSampler(data.train_dataset, train.micro_batch_size, accum, num_replicas=world,
+                                             rank=rank, seed=seed)
+    else:
+        train_sampler = DistributedSampler(data.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                           drop_last=True)
     # Own generators: a DataLoader iterator otherwise draws from the global RNG, which would shift
     # the dropout stream of a resumed run by one draw.
     train_loader = DataLoader(data.train_dataset, batch_size=train.micro_batch_size, sampler=train_sampler,
@@ -410,7 +422,7 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
 
 
 def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, data: DataModule, tokenizer: Tokenizer,
-               train_loader: DataLoader, train_sampler: DistributedSampler, val_loader: DataLoader, train: TrainArgs,
+               train_loader: DataLoader, train_sampler: LengthGroupedSampler | DistributedSampler, val_loader: DataLoader, train: TrainArgs,
                eval: EvalArgs, state: dict, total_steps: int, accum: int, out_dir: Path, metrics: dict[str, float],
                stop: list[bool]) -> None:
     """Optimizer steps from state["step"] to total_steps: log, validate, save step-N, prune; on Ctrl-C, stop
@@ -547,7 +559,7 @@ def _save_final(method: Finetune, d: Path, out_dir: Path) -> None:
     shutil.copy2(out_dir / "config.yaml", d / "run_config.yaml")
 
 
-def micro_batches(loader: DataLoader, sampler: DistributedSampler, state: dict[str, int]) -> Iterator[dict]:
+def micro_batches(loader: DataLoader, sampler: LengthGroupedSampler | DistributedSampler, state: dict[str, int]) -> Iterator[dict]:
     """Micro-batches forever, epoch after epoch, in a deterministic order (seed + epoch), starting
     at the position `state` records, so a resumed run sees exactly the batches it would have seen."""
     while True:

@@ -92,6 +92,103 @@ def test_contiguous_inputs_and_thread_counts_agree():
             assert torch.equal(a, b)
 
 
+def packed_segment_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """(B, T) segment ids as pack_samples + collate make them: runs 1, 2, 3, ... then padding 0. Row 0 has
+    fixed lengths (a 1-token sample, one ending exactly at the 64-key block edge, one spanning two blocks); the
+    other rows random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(B):
+        lengths = [1, 63, 70] if b == 0 else torch.randint(1, 90, (T,), generator=g).tolist()
+        ids, seg = [], 1
+        for n in lengths:
+            if len(ids) + n > T - 3:
+                break
+            ids += [seg] * n
+            seg += 1
+        rows.append(ids + [0] * (T - len(ids)))  # padding at the end: segment 0
+    return torch.tensor(rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,KV,T,D", [(2, 9, 3, 300, 64), (3, 4, 2, 77, 32), (1, 2, 2, 200, 128)])
+def test_packed_segments_match_float64_reference(B, H, KV, T, D):
+    """Attention within packed samples through the kernel (no dense mask; other samples' key blocks skipped)
+    equals float64 SDPA with the model's dense segment mask (gpt.attention_mask), forward and backward, and
+    fp32 SDPA with that mask (the path packing took before) to fp32 rounding."""
+    from litft.models.config import Config
+    from litft.models.fused import segment_starts
+    from litft.models.gpt import attention_mask
+
+    seg = packed_segment_ids(B, T, seed=T)
+    segments = segment_starts(seg)
+    assert segments is not None
+    mask = attention_mask(Config(n_layer=1, n_embd=H * D, n_head=H, n_kv_head=KV), T, 0, seg, "cpu")
+    q, k, v, grad = model_layout(B, H, KV, T, D, seed=1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = causal_attention(q, k, v, segments)
+    out.backward(grad)
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=H != KV)
+    ref.backward(grad.double())
+    for a, b in zip(got, [ref, q64.grad, k64.grad, v64.grad]):
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5)
+    q32, k32, v32 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    sdpa = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, enable_gqa=H != KV)
+    sdpa.backward(grad)
+    for a, b in zip(got, [sdpa, q32.grad, k32.grad, v32.grad]):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
+
+
+def test_segment_starts_and_their_dense_mask():
+    """Each position's first key; the dense mask they stand for equals gpt.attention_mask's; an id in two runs
+    of a row cannot be expressed as starts (None: the model keeps the dense mask)."""
+    from litft.models.config import Config
+    from litft.models.fused import segment_starts
+    from litft.models.gpt import attention_mask
+
+    seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0], [1, 1, 1, 1, 1, 1, 1]])
+    segments = segment_starts(seg)
+    assert segments.starts.tolist() == [[0, 0, 0, 3, 3, 5, 6], [0] * 7]
+    assert segments.starts.dtype == torch.int32
+    cfg = Config(n_layer=1, n_embd=64, n_head=2)
+    assert torch.equal(segments.dense_mask(), attention_mask(cfg, 7, 0, seg, "cpu").expand(2, 1, 7, 7))
+    assert segment_starts(torch.tensor([[1, 1, 2, 1]])) is None
+
+
+def test_packed_model_uses_the_kernel_only_where_it_applies(monkeypatch):
+    """A packed batch through the model: each sample's logits equal the sample alone, through the kernel's
+    segments where it is usable (fp32 CPU) and through the dense mask otherwise (float64 here)."""
+    from litft.models import fused
+    from litft.models.config import Config
+    from litft.models.gpt import GPT
+
+    calls = []
+    apply = fused.CausalAttention.apply
+    monkeypatch.setattr(fused.CausalAttention, "apply",
+                        lambda q, k, v, starts=None: calls.append((q.shape[2], starts is not None)) or apply(q, k, v, starts))
+
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300)).eval()
+    lengths = [7, 70, 5]
+    samples = [torch.randint(0, 300, (1, n)) for n in lengths]
+    packed = torch.cat(samples + [torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    seg = torch.tensor([sum(([i + 1] * n for i, n in enumerate(lengths)), []) + [0] * 3])
+    pos = torch.tensor([sum((list(range(n)) for n in lengths), []) + [0, 1, 2]])
+    for dtype in (torch.float32, torch.float64):
+        model = model.to(dtype)
+        with torch.no_grad():
+            out = model(packed, position_ids=pos, segment_ids=seg)
+            at = 0
+            for x, n in zip(samples, lengths):
+                torch.testing.assert_close(out[:, at:at + n], model(x), atol=1e-5, rtol=1e-5)
+                at += n
+        packed_calls = [c for c in calls if c == (packed.shape[1], True)]
+        assert len(packed_calls) == (2 if dtype == torch.float32 and KERNEL else 0)  # one per layer
+        calls.clear()
+
+
 @needs_kernel
 def test_output_feeds_o_proj_without_a_copy():
     """The output is a (B, H, T, D) view of a (B, T, H, D) buffer, so the model's transpose + reshape into

@@ -94,11 +94,14 @@ def test_low_precision_runs_train(method, precision, ckpt, task, tmp_path):
     assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < metrics["val_loss_before"]
 
 
-def test_resume_reproduces_uninterrupted_run(ckpt, task, tmp_path):
-    """Stop after step 3 (state saved), resume in a fresh process: same adapter and loss as straight through."""
-    args = common_args(ckpt, task, tmp_path / "a") + ["--train.save_interval", "3", "--dropout", "0.1"]
+@pytest.mark.parametrize("group_by_length", ["true", "false"])
+def test_resume_reproduces_uninterrupted_run(ckpt, task, tmp_path, group_by_length):
+    """Stop after step 3 (state saved), resume in a fresh process: same adapter and loss as straight through,
+    with length-grouped batches (the default) and with plain random ones."""
+    grouping = ["--train.group_by_length", group_by_length]
+    args = common_args(ckpt, task, tmp_path / "a") + ["--train.save_interval", "3", "--dropout", "0.1", *grouping]
     full = run(args)
-    resumed = run(common_args(ckpt, task, tmp_path / "b") + ["--dropout", "0.1",
+    resumed = run(common_args(ckpt, task, tmp_path / "b") + ["--dropout", "0.1", *grouping,
                                                               "--resume", str(tmp_path / "a" / "step-3")])
     a = load_state_dict_file(tmp_path / "a" / "final" / "adapter.safetensors")
     b = load_state_dict_file(tmp_path / "b" / "final" / "adapter.safetensors")

@@ -1,7 +1,7 @@
-// litft's compiled CPU kernels, fp32: causal (grouped-query) attention forward/backward, RMSNorm and SwiGLU
-// forward/backward (these two in bf16 too), and the small-batch linear of decoding. litft/native.py builds this file
-// once per machine (g++ -O3 -march=native -fopenmp) and calls it through ctypes; litft/models/gpt.py uses it where
-// it applies and torch everywhere else.
+// litft's compiled CPU kernels, fp32: causal (grouped-query) attention forward/backward (optionally within packed
+// segments), RMSNorm and SwiGLU forward/backward (these two in bf16 too), and the small-batch linear of decoding.
+// litft/native.py builds this file once per machine (g++ -O3 -march=native -fopenmp) and calls it through ctypes;
+// litft/models/gpt.py uses it where it applies and torch everywhere else.
 //
 // Attention. torch's CPU flash-attention kernel (F.scaled_dot_product_attention) runs its block products
 // through BLAS calls sized for general use; for 64..256-wide heads those are small and it reaches a fraction of
@@ -16,6 +16,9 @@
 //   q (B, H, T, Dh) strided by qs0/qs1/qs2; kt, vt (B, KV, Dh, Tp) and kp, vp (B, KV, Tp, Dh) packed and
 //   zero-padded to Tp (a multiple of 64) by the caller; o, dout, dq (B, T, H, Dh) contiguous; lse2 (B, H, T);
 //   dk, dv (G, B, T, KV, Dh) partial sums per query head of the group, summed by the caller.
+// Packed samples: seg_start (B, T) int32, or null: query t attends to keys seg_start[t]..t only (its own sample,
+// causal), seg_start non-decreasing along t (contiguous segments; the caller checks). Key blocks wholly before
+// a query block's first segment start are skipped, so packing costs the attention of its samples, not of the row.
 //
 // Small-batch linear (decoding): y = x W^T + b for a few rows of x. Decoding one token reads every weight once per
 // token, so its speed is the speed of streaming the weights from memory. torch's fp32 path (MKL's sgemv over the
@@ -134,19 +137,28 @@ static void load_rows(float* dst, const float* src, long rs, int n, int n4, int 
         for (int d = 0; d < Dh; d++) dst[i * Dh + d] = i < n ? src[i * rs + d] * mul : 0.f;
 }
 
-// Rows past the causal limit (and padded keys) of a score block become -inf.
-static void mask_block(float* S, int nq4, int nq, int nk16, int nk, int i0, int j0) {
+// Keys past the causal limit (and padded keys) of a score block become -inf; with seg_start (this batch row's),
+// so do keys before the query's segment start.
+static void mask_block(float* S, int nq4, int nq, int nk16, int nk, int i0, int j0, const int* seg_start) {
     for (int i = 0; i < nq4; i++) {
         int lim = i >= nq ? 0 : i0 + i - j0 + 1;
         lim = lim < 0 ? 0 : (lim > nk ? nk : lim);
         for (int j = lim; j < nk16; j++) S[i * BK + j] = -INFINITY;
+        if (seg_start && i < nq) {
+            int lo = seg_start[i0 + i] - j0;
+            lo = lo < 0 ? 0 : (lo > lim ? lim : lo);
+            for (int j = 0; j < lo; j++) S[i * BK + j] = -INFINITY;
+        }
     }
 }
+
+// The first key block a query block starting at i0 needs (all of them without segments).
+static inline int first_key_block(const int* seg_start, int i0) { return seg_start ? seg_start[i0] / BK * BK : 0; }
 
 // ------------------------------------------------------------------------------------------ attention
 extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T, int Tp, int Dh, float scale,
                                        const float* q, long qs0, long qs1, long qs2, const float* kt,
-                                       const float* vp, float* o, float* lse2) {
+                                       const float* vp, const int* seg_start, float* o, float* lse2) {
     if (Dh % 16 || Dh > MAXD || H % KV || Tp % BK || Tp < T) return 1;
     const int G = H / KV, nqb = (T + BQ - 1) / BQ;
     const float c = scale * 1.4426950408889634f;
@@ -170,18 +182,23 @@ extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T
             const int i0 = qb * BQ, nq = T - i0 < BQ ? T - i0 : BQ, nq4 = (nq + 3) & ~3;
             const float* ktp = kt + ((long)b * KV + kh) * Dh * Tp;
             const float* vpp = vp + ((long)b * KV + kh) * Tp * Dh;
+            const int* ss = seg_start ? seg_start + (long)b * T : nullptr;
             load_rows(Qs, q + b * qs0 + h * qs1 + i0 * qs2, qs2, nq, nq4, Dh, c);
             for (int i = 0; i < BQ; i++) m[i] = -INFINITY, l[i] = 0.f;
             memset(Acc, 0, sizeof(float) * nq4 * Dh);
-            for (int j0 = 0; j0 < i0 + nq; j0 += BK) {
+            for (int j0 = first_key_block(ss, i0); j0 < i0 + nq; j0 += BK) {
                 const int nk = i0 + nq - j0 < BK ? i0 + nq - j0 : BK, nk16 = (nk + 15) & ~15;
                 gemm(nq4, nk16, Dh, Qs, Dh, 1, ktp + j0, Tp, S, BK, false);
-                mask_block(S, nq4, nq, nk16, nk, i0, j0);
+                mask_block(S, nq4, nq, nk16, nk, i0, j0, ss);
                 for (int i = 0; i < nq; i++) {
                     float* s = S + i * BK;
                     vf mx = splat(m[i]);
                     for (int j = 0; j < nk16; j += VW) mx = *(vf*)(s + j) > mx ? *(vf*)(s + j) : mx;
-                    const float m_new = hmax(mx);  // finite: key j0 <= query i0 + i is never masked
+                    const float m_new = hmax(mx);  // finite without segments: key j0 <= query i0 + i is never masked
+                    if (m_new == -INFINITY) {  // every key of this block lies before the query's segment
+                        memset(s, 0, sizeof(float) * BK);
+                        continue;
+                    }
                     const float alpha = exp2f(m[i] - m_new);
                     vf sum = splat(0.f), mv = splat(m_new);
                     for (int j = 0; j < nk16; j += VW) {
@@ -212,7 +229,7 @@ extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T
 extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int T, int Tp, int Dh, float scale,
                                         const float* q, long qs0, long qs1, long qs2, const float* kt,
                                         const float* kp, const float* vt, const float* o, const float* dout,
-                                        const float* lse2, float* dq, float* dk, float* dv) {
+                                        const float* lse2, const int* seg_start, float* dq, float* dk, float* dv) {
     if (Dh % 16 || Dh > MAXD || H % KV || Tp % BK || Tp < T) return 1;
     const int G = H / KV, nqb = (T + BQ - 1) / BQ;
     const float c = scale * 1.4426950408889634f;
@@ -241,6 +258,7 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
             const float* ktp = kt + ((long)b * KV + kh) * Dh * Tp;
             const float* kpp = kp + ((long)b * KV + kh) * Tp * Dh;
             const float* vtp = vt + ((long)b * KV + kh) * Dh * Tp;
+            const int* ss = seg_start ? seg_start + (long)b * T : nullptr;
             memset(dKa, 0, sizeof(float) * Tp * Dh);
             memset(dVa, 0, sizeof(float) * Tp * Dh);
             for (int ib = 0; ib < nqb; ib++) {
@@ -255,12 +273,13 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
                     Dl[i] = acc;
                     Ls[i] = i < nq ? lse2[((long)b * H + h) * T + i0 + i] : 0.f;
                 }
-                for (int j0 = 0; j0 < i0 + nq; j0 += BK) {
+                const int jfirst = first_key_block(ss, i0);
+                for (int j0 = jfirst; j0 < i0 + nq; j0 += BK) {
                     const int nk = i0 + nq - j0 < BK ? i0 + nq - j0 : BK, nk16 = (nk + 15) & ~15;
                     const int nk4 = (nk + 3) & ~3;
                     gemm(nq4, nk16, Dh, Qs, Dh, 1, ktp + j0, Tp, S, BK, false);   // S = c q k^T
                     gemm(nq4, nk16, Dh, dOs, Dh, 1, vtp + j0, Tp, dP, BK, false);  // dP = dO v^T
-                    mask_block(S, nq4, nq, nk16, nk, i0, j0);
+                    mask_block(S, nq4, nq, nk16, nk, i0, j0, ss);
                     for (int i = 0; i < nq4; i++) {
                         const vf lv = splat(Ls[i]), dl = splat(Dl[i]);
                         float* s = S + i * BK;
@@ -273,7 +292,7 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
                     }
                     gemm(nk4, Dh, nq4, S, 1, BK, dOs, Dh, dVa + (long)j0 * Dh, Dh, true);    // dV += P^T dO
                     gemm(nk4, Dh, nq4, dP, 1, BK, Qs, Dh, dKa + (long)j0 * Dh, Dh, true);    // dK += dS^T (c q)
-                    gemm(nq4, Dh, nk16, dP, BK, 1, kpp + (long)j0 * Dh, Dh, dQa, Dh, j0 > 0);  // dQ += dS k
+                    gemm(nq4, Dh, nk16, dP, BK, 1, kpp + (long)j0 * Dh, Dh, dQa, Dh, j0 > jfirst);  // dQ += dS k
                 }
                 for (int i = 0; i < nq; i++)
                     for (int d = 0; d < Dh; d++) dq[row0 + i * HD + d] = dQa[i * Dh + d] * scale;

@@ -6,6 +6,7 @@ from litft.data.json_data import (JSON, Alpaca, load_json_records, pack_samples,
 from litft.data.conversation import Conversations
 from litft.data.hf_dataset import HF
 from litft.data.preference import Preference
+from litft.data.sampler import LengthGroupedSampler, sample_length
 from litft.data.prompts import PromptStyle, prompt_styles, resolve_prompt_style
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "DataFileNotFoundError",
     "SFTDataset",
     "collate",
+    "LengthGroupedSampler",
+    "sample_length",
     "JSON",
     "Alpaca",
     "Conversations",

@@ -261,7 +261,9 @@ class JSON(DataModule):
             mask_prompt: Compute the loss on response tokens only (prompt labels set to ignore_index).
             ignore_index: Label value that the loss ignores.
             packing: Pack several samples into each max_seq_length sequence (attention and positions
-                stay within each sample via segment_ids / position_ids).
+                stay within each sample via segment_ids / position_ids; on fp32 CPU litft's attention kernel
+                skips the other samples' keys, elsewhere a dense mask). Without packing, the training loop's
+                length-grouped batches (train.group_by_length) already keep padding low.
             add_eos: Append the EOS token to each response so the model learns to stop.
             instruction_key: Record field holding the instruction.
             input_key: Record field holding the optional input / context.

@@ -5,13 +5,16 @@ Each says in its docstring what it saves compared with autograd. The model (`lit
 them; read that file first. `tests/test_model.py` checks each against autograd through the plain formulas,
 `tests/test_bf16.py` in bf16 against an fp32 reference, `tests/test_native.py` the compiled kernels.
 
-    causal_attention / CausalAttention  SDPA with is_causal=True, through litft's flash-attention kernel
+    causal_attention / CausalAttention  SDPA with is_causal=True, through litft's flash-attention kernel; also
+                                        within packed samples (PackedSegments) without a dense mask
     SwiGLU                              silu(gate) * up
     RMSNormFunction                     RMSNorm (Llama's and Gemma's rounding)
     Rope                                rotary embedding ("rotate half")
     LinearCrossEntropy                  the head matmul and the cross-entropy, gradients formed in forward
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,26 +23,67 @@ from litft import native
 from litft.cpu_kernels import linear, mm
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA with is_causal=True (grouped kv heads allowed), through litft's fp32 CPU kernel where it applies."""
+@dataclass
+class PackedSegments:
+    """Packed samples (litft.data.pack_samples) as each position's first key: `starts` (B, T) int32, position t
+    attends to keys starts[b, t]..t. The same attention as the dense segment mask of `gpt.attention_mask` when
+    every segment is one contiguous run (`segment_starts` checks), but litft's kernel skips the key blocks of
+    other samples instead of computing and masking them."""
+
+    starts: torch.Tensor
+
+    def dense_mask(self) -> torch.Tensor:
+        """The (B, 1, T, T) boolean mask (True = attend) for SDPA."""
+        T = self.starts.shape[1]
+        k_pos = torch.arange(T, device=self.starts.device)
+        causal = k_pos.unsqueeze(0) <= k_pos.unsqueeze(1)  # (T, T): key <= query
+        return (causal & (k_pos.view(1, 1, T) >= self.starts.unsqueeze(2))).unsqueeze(1)
+
+
+def segment_starts(segment_ids: torch.Tensor) -> PackedSegments | None:
+    """PackedSegments of (B, T) segment ids, or None when some id occurs in more than one run of a row (then only
+    the dense equality mask expresses the attention)."""
+    B, T = segment_ids.shape
+    new = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
+    new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    ordered = segment_ids.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
+    if not torch.equal(new.sum(1), distinct):
+        return None
+    pos = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    return PackedSegments(starts.to(torch.int32).contiguous())
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     segments: PackedSegments | None = None) -> torch.Tensor:
+    """SDPA with is_causal=True (grouped kv heads allowed), through litft's fp32 CPU kernel where it applies;
+    with `segments`, causal within each packed sample."""
+    starts = None if segments is None else segments.starts
     if native.attention_supported(q, k, v):
-        return CausalAttention.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return CausalAttention.apply(q, k, v, starts)
+    gqa = q.shape[1] != k.shape[1]
+    if segments is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=segments.dense_mask(), enable_gqa=gqa)
 
 
 class CausalAttention(torch.autograd.Function):
     """litft's CPU flash attention (litft/csrc/kernels.cpp, ~1.8x SDPA's CPU kernel on a SmolLM2 layer). Like
-    SDPA's flash kernel it keeps q, k, v, the output and one log-sum-exp per row for backward."""
+    SDPA's flash kernel it keeps q, k, v, the output and one log-sum-exp per row for backward. seg_start:
+    PackedSegments.starts or None."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, q, k, v, lse2 = native.attention_forward(q, k, v)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                seg_start: torch.Tensor | None = None) -> torch.Tensor:
+        out, q, k, v, lse2 = native.attention_forward(q, k, v, seg_start)
         ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.seg_start = seg_start  # an integer input: no gradient, not part of the autograd graph
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return native.attention_backward(*ctx.saved_tensors, grad)
+        return *native.attention_backward(*ctx.saved_tensors, grad, ctx.seg_start), None
 
 
 class SwiGLU(torch.autograd.Function):

@@ -18,13 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from litft import native
 from litft.models.config import Config
 from litft.models.fused import (
     LinearCrossEntropy,
     RMSNormFunction,
     Rope,
     SwiGLU,
+    PackedSegments,
     causal_attention,
+    segment_starts,
 )
 
 
@@ -62,9 +65,16 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).unsqueeze(0)
         cos, sin = rope_cos_sin(self.config, position_ids, dtype=self.embed.weight.dtype)
-        mask = attention_mask(self.config, T, start, segment_ids, input_ids.device)
-
         x = self.embed(input_ids)
+        mask: torch.Tensor | PackedSegments | None = None
+        window = self.config.sliding_window
+        if (segment_ids is not None and start == 0 and (window is None or T <= window)
+                and native.usable(x)):
+            # litft's kernel attends within each packed sample directly: no (B, T, T) mask, no other samples' keys
+            mask = segment_starts(segment_ids)
+        if mask is None:
+            mask = attention_mask(self.config, T, start, segment_ids, input_ids.device)
+
         if self.config.scale_embeddings:  # Gemma: multiply in the activation dtype, as HF does
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         for block in self.blocks:
@@ -128,7 +138,9 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache(...) first")
             k, v = self.kv_cache.update(input_pos, k, v)
-        if mask is None and q.shape[2] == k.shape[2] and T > 1:
+        if isinstance(mask, PackedSegments):
+            y = causal_attention(q, k, v, mask)
+        elif mask is None and q.shape[2] == k.shape[2] and T > 1:
             y = causal_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
