@@ -4,10 +4,17 @@
                                    [--only litft|hf|litgpt] [--litgpt-python VENV/bin/python] [--sweep]
                                    [--litft-mkl] [--litft-torch]
                                    [--dtype fp32|bf16] [--profile litft|hf] [--no-roofline | --roofline-only]
+                                   [--model 135m|360m|1b] [--account] [--qlora]
+    python benchmarks/lora_step.py --scale [--models 135m,360m,1b] [--seqs 512,1024,2048,4096] [--steps 1]
 
 `--litgpt-python` adds LitGPT 0.5.13 as a third contender, run through ../shared/bench/peers_step.py in its
 own virtualenv (`python -m venv peers-lit && peers-lit/bin/pip install torch==2.13.0 litgpt==0.5.13`).
 `--sweep` prints litft vs HF over sequence length 256..2048 and rank 8..128 instead.
+`--model` runs at the SmolLM2-360M or Llama-3.2-1B shape (litft's configs; default SmolLM2-135M); `--scale` prints
+litft vs HF per model and sequence length (batch 1, one run each, alternating) with the memory account;
+`--account` adds where the training peak goes (base weights, activations saved for backward counted with
+saved_tensors_hooks, LoRA params + grads + AdamW state, the rest); `--qlora` compares litft's `quantize:
+bnb.nf4-dq` with HF + peft + bitsandbytes (nf4, double quantization, fp32 compute) loading a saved HF checkpoint.
 
 Same model shape, same weights, same tokens, same settings as /work/shared/bench/peers_step.py:
 SmolLM2-135M shape (vocab 49152, d 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, tied embeddings,
