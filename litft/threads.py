@@ -6,8 +6,9 @@ most regions, and a step made of hundreds of small regions stalls hundreds of ti
 machine with other jobs running, two threads decoded ~5x slower than one (`benchmarks/README.md`). One thread needs
 no other to finish. Which count is faster depends on the load, which changes while a run goes on, so the steps
 probe: `probe` steps with all threads, then `probe` with one; all threads serve until the next probe only if their
-median step was clearly faster (`MARGIN`: a lull in the other jobs can flatter them, and a wrong pick of all
-threads costs far more than a wrong pick of one). The next probe comes `EVERY` steps later, and twice as late each
+median step was faster by a margin (`MARGIN`: a lull in the other jobs can flatter them, and a wrong pick of all
+threads costs far more than a wrong pick of one; on a quiet host two threads decoded in 0.66-0.86x one thread's step
+time, so the margin is small). The next probe comes `EVERY` steps later, and twice as late each
 time one thread wins again (up to `MAX_EVERY`), since under load the all-threads probe steps are the slow ones.
 
 ``LITFT_ADAPTIVE_THREADS=0`` keeps torch's thread count fixed throughout (e.g. to measure a given count).
@@ -41,7 +42,7 @@ class ThreadChooser:
     """Use as `with chooser.step(): <one step>` around each step (it sets the count, times the step, restores the
     caller's count on `close()`)."""
 
-    EVERY, MAX_EVERY, MARGIN = 32, 512, 0.85
+    EVERY, MAX_EVERY, MARGIN = 32, 512, 0.95
 
     def __init__(self, probe: int = 3) -> None:
         self.full = torch.get_num_threads()

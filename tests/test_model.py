@@ -147,7 +147,7 @@ def test_thread_chooser_probe_pick_and_back_off():
             return out
 
         P, E = 3, ThreadChooser.EVERY
-        quiet, loaded, close = {2: 0.03, 1: 0.04}, {2: 0.5, 1: 0.06}, {2: 0.9, 1: 1.0}
+        quiet, loaded, close = {2: 0.03, 1: 0.04}, {2: 0.5, 1: 0.06}, {2: 0.97, 1: 1.0}
         assert run(2 * P + E, quiet) == [2] * P + [1] * P + [2] * E  # probe, all threads win, E steps on
         assert run(2 * P + 2 * E, loaded) == [2] * P + [1] * P + [1] * 2 * E  # one thread wins: next probe at 2E
         assert run(2 * P + 4 * E, close) == [2] * P + [1] * P + [1] * 4 * E  # not clearly faster: one, 4E
