@@ -310,7 +310,9 @@ def test_every_path_a_page_names_exists(page):
 # benchmark file holds many numbers, so each quote is matched only against the sections it quotes
 BENCH = "benchmarks/README.md"
 QUOTED = [
-    ("README.md", "## Speed and memory", BENCH, ["### Current code (third session)", "## DoRA vs LoRA"]),
+    ("README.md", "## Speed and memory", BENCH, ["### Current code (third session)", "## DoRA vs LoRA",
+                                                 "## Greedy decoding", "## Shared cores", "## Real SFT batches",
+                                                 "### bf16 on this CPU"]),
     ("README.md", "### QLoRA: a quantized frozen base", "tutorials/qlora.md", ["## Modes", "## How it works", "## Measured"]),
     ("tutorials/methods.md", "### What DoRA costs (benchmark)", BENCH, ["## Machine", "## DoRA vs LoRA"]),
     ("tutorials/qlora.md", "## On the demo task", "tutorials/methods.md", ["### Results on the demo"]),
