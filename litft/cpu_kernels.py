@@ -15,8 +15,8 @@ without that mapping, or a CPU without a name, counts as unknown and keeps MKL. 
 per-shape kernel compilation (``MIN_MACS``), outside autograd (inside our functions' forward/backward), take
 this path; everything else is plain torch.
 
-A product of only a few rows under inference mode (``SMALL_ROWS``: decoding, one token per step) is a stream over the weight, bound by
-memory bandwidth, not by FLOPs; for fp32 on CPU it goes to litft's own kernel (`litft.native.linear_small`), which
+A product of only a few rows under inference mode (``SMALL_ROWS``: decoding, one token per step) is a stream over
+the weight, bound by memory bandwidth, not by FLOPs; for fp32 on CPU it goes to litft's own kernel (`litft.native.linear_small`), which
 streams the weight ~2-3x faster than MKL's or oneDNN's small-batch paths here (numbers in `benchmarks/README.md`).
 """
 

@@ -14,7 +14,8 @@ time one thread wins again (up to `MAX_EVERY`), since under load the all-threads
 ``LITFT_ADAPTIVE_THREADS=0`` keeps torch's thread count fixed throughout (e.g. to measure a given count).
 
 The count changes how work is split, not what is summed in which order for litft's kernels and the matmuls measured
-(a training step and a decoding step gave the same bits with 1 and 2 threads; `tests/test_model.py`).
+(a training run and greedy decoding gave the same bits with 1 and 2 threads; `tests/test_train.py`,
+`tests/test_model.py`).
 """
 from __future__ import annotations
 
