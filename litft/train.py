@@ -32,7 +32,7 @@ from litft.data.sampler import LengthGroupedSampler
 from litft.distributed import (check_devices_fit, check_launched_processes, check_resume_world, cluster_plugins,
                                fsdp_unsupported, full_state_dict, is_sharded, make_strategy, unsharded_copy)
 from litft.generate import generate
-from litft.threads import ThreadChooser
+from litft.threads import ThreadChooser, adaptive as adaptive_threads
 from litft.methods.base import METHOD_CONFIG, Finetune
 from litft.ray_launch import RayArgs, check_ray, launch_ray
 from litft.tokenizer import Tokenizer
@@ -248,6 +248,7 @@ def check_run_args(out_dir: Path, devices: int, strategy: str, precision: str | 
 
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise LitftError(f"out_dir {out_dir} is a file, not a directory: pass another --out_dir")
+    adaptive_threads()  # a bad LITFT_ADAPTIVE_THREADS fails here, before out_dir is touched
     if isinstance(precision, str) and precision not in PRECISIONS:
         close = difflib.get_close_matches(precision, PRECISIONS, n=1)
         hint = f" Did you mean {close[0]}?" if close else ""
