@@ -18,6 +18,11 @@ this path; everything else is plain torch.
 A product of only a few rows under inference mode (``SMALL_ROWS``: decoding, one token per step) is a stream over
 the weight, bound by memory bandwidth, not by FLOPs; for fp32 on CPU it goes to litft's own kernel (`litft.native.linear_small`), which
 streams the weight ~2-3x faster than MKL's or oneDNN's small-batch paths here (numbers in `benchmarks/README.md`).
+
+A LoRA layer over a bitsandbytes 4-bit base (QLoRA) on CPU multiplies by the dequantized weight, forward and
+backward, as bitsandbytes does; `frozen_4bit_ok` / `dequantize_4bit` let it dequantize with litft's kernel into one
+reused buffer (`litft.native.dequantize_4bit`, bit-equal to bitsandbytes' result) instead of a fresh fp32 copy of every
+weight per call.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from torch import Tensor
 from litft import native
 from litft.utils import LitftError
 
-__all__ = ["mm", "linear", "use_onednn", "onednn_enabled", "SMALL_ROWS", "small_rows_ok"]
+__all__ = ["mm", "linear", "use_onednn", "onednn_enabled", "SMALL_ROWS", "small_rows_ok", "frozen_4bit_ok",
+           "dequantize_4bit"]
 
 
 def cpu_vendor() -> str:
@@ -113,3 +119,37 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for 2-D tensors (any strides)."""
     return linear(a, b.t())
 
+
+
+def frozen_4bit_ok(x: Tensor, layer: torch.nn.Module) -> bool:
+    """`layer` is a bitsandbytes Linear4bit in the plain layout with an fp32 QuantState, and `x` an fp32 CPU tensor:
+    `dequantize_4bit` gives exactly the weight bitsandbytes would multiply `x` by."""
+    weight = getattr(layer, "weight", None)
+    qs = getattr(weight, "quant_state", None)
+    return (type(layer).__name__ == "Linear4bit" and type(weight).__name__ == "Params4bit" and qs is not None
+            and qs.dtype == torch.float32 and len(qs.shape) == 2 and qs.blocksize % 2 == 0
+            and not getattr(qs, "packing_format_for_cpu", False) and qs.code is not None and qs.code.numel() == 16
+            and (not qs.nested or qs.state2.blocksize == 256)
+            and weight.device.type == "cpu" and native.usable(x))
+
+
+_SCRATCH = torch.empty(0)  # the buffer `dequantize_4bit` writes into, grown to the largest weight
+
+
+def dequantize_4bit(weight: Tensor) -> Tensor:
+    """The (out, in) fp32 weight of a bnb `Params4bit` (see `frozen_4bit_ok`), in a buffer shared by all calls: the
+    result is valid until the next call, so use it and drop it (autograd functions re-dequantize in backward)."""
+    global _SCRATCH
+    qs = weight.quant_state
+    absmax = qs.absmax
+    if qs.nested:  # the 8-bit absmaxes of double quantization, as bitsandbytes dequantizes them (1/64 of the weight)
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    n = qs.shape[0] * qs.shape[1]
+    if _SCRATCH.numel() < n:
+        _SCRATCH = torch.empty(0)  # free the smaller one first
+        _SCRATCH = torch.empty(n)
+    out = _SCRATCH[:n].view(qs.shape)
+    return native.dequantize_4bit(weight.data.view(torch.uint8).view(-1), absmax.float(), qs.code.float(),
+                                  qs.blocksize, out)

@@ -1,5 +1,5 @@
 """litft's compiled CPU kernels (``litft/csrc/kernels.cpp``), fp32: causal attention (also within packed samples),
-RMSNorm and SwiGLU (these two in bf16 too), and the small-batch linear of decoding.
+RMSNorm and SwiGLU (these two in bf16 too), the small-batch linear of decoding, and 4-bit dequantization (QLoRA).
 
 Why: on CPU a LoRA step of a small Llama spends most of its non-matmul time in a few places torch serves with
 general kernels: SDPA's flash-attention kernel (~70-110 GFLOP/s of causal work on a SmolLM2 layer, against
@@ -57,7 +57,8 @@ from torch import Tensor
 from litft.utils import LitftError, atomic_path
 
 __all__ = ["kernels_choice", "enabled", "usable", "attention_supported", "attention_forward", "attention_backward",
-           "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward", "linear_small"]
+           "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward", "linear_small",
+           "dequantize_4bit"]
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -253,6 +254,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.litft_swiglu_forward.argtypes = lib.litft_swiglu_forward_bf16.argtypes = [i, c_long, p, p, p]
     lib.litft_swiglu_backward.argtypes = lib.litft_swiglu_backward_bf16.argtypes = [i, c_long, p, p, p, p, p]
     lib.litft_linear_small.argtypes = [i, i, i, i, p, p, p, p]
+    lib.litft_dequantize_4bit.argtypes = [i, c_long, i, p, p, p, p]
 
 
 def library() -> ctypes.CDLL | None:
@@ -446,3 +448,21 @@ def linear_small(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     _lib().litft_linear_small(_threads(), M, N, K, x.data_ptr(), weight.data_ptr(),
                               None if bias is None else bias.data_ptr(), y.data_ptr())
     return y
+
+
+# ------------------------------------------------------------------------------------------ 4-bit dequantization
+def dequantize_4bit(codes: Tensor, absmax: Tensor, lut: Tensor, blocksize: int, out: Tensor) -> Tensor:
+    """bitsandbytes' 4-bit layout (codes: uint8, two values per byte, high nibble first; absmax: fp32, one per
+    block of `blocksize` values; lut: the 16 fp32 values of the code) dequantized into `out` (fp32, contiguous,
+    any shape of n values): ``out[i] = lut[code_i] * absmax[i // blocksize]``. Returns `out`."""
+    n = out.numel()
+    if (codes.dtype != torch.uint8 or codes.numel() != (n + 1) // 2 or absmax.dtype != torch.float32
+            or absmax.numel() != -(-n // blocksize) or lut.dtype != torch.float32 or lut.numel() != 16
+            or out.dtype != torch.float32 or not out.is_contiguous() or blocksize % 2):
+        raise ValueError(f"dequantize_4bit: codes {tuple(codes.shape)} {codes.dtype}, absmax {tuple(absmax.shape)} "
+                         f"{absmax.dtype}, lut {tuple(lut.shape)}, blocksize {blocksize} do not describe "
+                         f"{n} fp32 values")
+    codes, absmax, lut = codes.contiguous(), absmax.contiguous(), lut.contiguous()
+    _lib().litft_dequantize_4bit(_threads(), n, blocksize, codes.data_ptr(), absmax.data_ptr(), lut.data_ptr(),
+                                 out.data_ptr())
+    return out

@@ -497,6 +497,9 @@ def test_avx2_build_matches_too(tmp_path, monkeypatch):
     w, b = torch.randn(37, 40), torch.randn(37)
     torch.testing.assert_close(native.linear_small(x[:3], w, b).double(), x[:3].double() @ w.double().t() + b.double(),
                                atol=1e-5, rtol=1e-5)
+    for quant_type in ("nf4", "fp4"):
+        codes, absmax, code, ref = bnb_4bit((48, 70), quant_type, double_quant=True)
+        assert torch.equal(native.dequantize_4bit(codes, absmax, code, 64, torch.empty(48, 70)), ref)
 
 
 @needs_kernel
@@ -630,3 +633,41 @@ def test_swiglu_bf16_rounds_once(monkeypatch):
         step = rounded.double().abs() * 2**-7  # one bf16 step (8 significant bits) at most
         assert ((got.double() - rounded.double()).abs()[missed] <= step[missed]).all()
     assert (torch_out != ref.detach().to(torch.bfloat16)).float().mean() > 0.05  # torch's path: two roundings
+
+
+# ------------------------------------------------------------------------------------------ 4-bit dequantization
+def bnb_4bit(shape, quant_type, double_quant, blocksize=64, seed=0):
+    """A random weight quantized by bitsandbytes: (codes, fp32 absmax, code table, bitsandbytes' dequantization)."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+    codes, qs = bnb_f.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+    absmax = bnb_f.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+    return codes.view(-1), absmax.float(), qs.code.float(), bnb_f.dequantize_4bit(codes, qs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape,blocksize", [((256, 192), 64), ((3, 50), 64), ((7, 9), 64), ((33, 128), 128)])
+def test_dequantize_4bit_equals_bitsandbytes(quant_type, double_quant, shape, blocksize):
+    """Bit for bit: the vector loop (blocks of 64, 128), a last short block (3 x 50 = 150 values), an odd count
+    (7 x 9: the last byte's low nibble is padding), both code tables, plain and double-quantized absmaxes."""
+    codes, absmax, code, ref = bnb_4bit(shape, quant_type, double_quant, blocksize)
+    out = torch.full(shape, float("nan"))
+    assert native.dequantize_4bit(codes, absmax, code, blocksize, out) is out
+    assert torch.equal(out, ref)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert torch.equal(native.dequantize_4bit(codes, absmax, code, blocksize, torch.empty(shape)), ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_dequantize_4bit_refuses_a_wrong_description():
+    codes, absmax, code, _ = bnb_4bit((8, 64), "nf4", False)
+    with pytest.raises(ValueError, match="do not describe 512 fp32 values"):
+        native.dequantize_4bit(codes[:-1], absmax, code, 64, torch.empty(8, 64))
+    with pytest.raises(ValueError, match="do not describe"):
+        native.dequantize_4bit(codes, absmax, code, 64, torch.empty(8, 64, dtype=torch.bfloat16))

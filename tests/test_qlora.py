@@ -213,6 +213,40 @@ def test_logits_and_grads_match_lora_on_dequantized_weights(ckpt_bias, mode):
             assert torch.allclose(dict(q.model.named_parameters())[n].grad, g, atol=tol, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("mode", ["bnb.nf4-dq", "bnb.fp4"])
+def test_fused_4bit_path_equals_bitsandbytes_own(ckpt_bias, mode, monkeypatch):
+    """On CPU a LoRA layer over a 4-bit base dequantizes with litft's kernel into a reused buffer
+    (`cpu_kernels.dequantize_4bit`); the oracle is the same model through bitsandbytes' own Linear4bit forward and
+    backward (`base_layer(x) + lora(x)`): logits and every gradient agree to fp32 rounding, and the buffer is not
+    what autograd keeps (a second step gives the same gradients)."""
+    from litft import native
+
+    if not native.enabled():
+        pytest.skip("no C++ compiler: litft's CPU kernels were not built")
+    torch.manual_seed(0)
+    q = QLoRA(checkpoint_dir=ckpt_bias, quantize=mode, r=4, alpha=8, dropout=0.0, targets=["all-linear"], bias="all")
+    q.configure_model()
+    randomize_b(q.model)  # a non-zero update, so the LoRA half of each gradient is checked too
+    x = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": x, "labels": x}
+    qlora_layers = [m for m in q.model.modules() if isinstance(m, LoRALinear) and is_quantized_linear(m.base_layer)]
+    assert qlora_layers and all(m._can_fuse_4bit(x.float()) for m in qlora_layers)
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        q.model.zero_grad()
+        q.training_step(batch).backward()
+        return q.model(x).detach(), {n: p.grad.clone() for n, p in q.model.named_parameters() if p.grad is not None}
+
+    fused, fused_again = step(), step()
+    monkeypatch.setattr(LoRALinear, "_can_fuse_4bit", lambda self, x: False)  # bitsandbytes' Linear4bit path
+    own = step()
+    assert (fused[0] - own[0]).abs().max() <= 1e-5
+    assert set(fused[1]) == set(own[1]) and any("lora_A" in n for n in own[1])
+    for n, g in own[1].items():
+        torch.testing.assert_close(fused[1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+        assert torch.equal(fused_again[1][n], fused[1][n]), n
+
+
 @pytest.mark.parametrize("name", ["bnb.AdamW8bit", "bnb.PagedAdamW", "bnb.PagedAdamW8bit"])
 def test_bnb_optimizers_step_on_cpu(ckpt, name):
     q = QLoRA(checkpoint_dir=ckpt, optimizer=name, optimizer_args={"min_8bit_size": 0}, lr=1e-2, warmup_steps=0)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litft.cpu_kernels import linear, mm
+from litft.cpu_kernels import dequantize_4bit, frozen_4bit_ok, linear, mm
 
 __all__ = ["LoRALinear", "LoRALinearFunction", "lora_scaling"]
 
@@ -119,6 +119,10 @@ class LoRALinear(nn.Module):
         if self._can_fuse(x):
             base = self.base_layer
             return LoRALinearFunction.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
+        if self._can_fuse_4bit(x):  # QLoRA on CPU: the base weight dequantized by litft's kernel, per use
+            base = self.base_layer
+            return LoRALinearFunction.apply(x, None, base.bias, self.lora_A, self.lora_B, self.scaling, None,
+                                            base.weight)
         result = self.base_layer(x)
         return result + self.lora_forward(x).to(result.dtype)
 
@@ -129,6 +133,16 @@ class LoRALinear(nn.Module):
             and type(self.base_layer) is nn.Linear
             and x.dtype == self.base_layer.weight.dtype == self.lora_A.dtype
             and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _can_fuse_4bit(self, x: Tensor) -> bool:
+        """The fused path over a bitsandbytes 4-bit base on CPU (fp32 compute): see `litft.cpu_kernels.dequantize_4bit`."""
+        return (
+            self.lora_dropout is None
+            and x.dtype == self.lora_A.dtype == torch.float32
+            and (self.base_layer.bias is None or self.base_layer.bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled(x.device.type)
+            and frozen_4bit_ok(x, self.base_layer)
         )
 
     # -------------------------------------------------------------------- merge
@@ -205,22 +219,26 @@ class LoRALinearFunction(torch.autograd.Function):
     With a per-output ``scale`` (DoRA's ``m / ||W + s B A||``, see `litft/adapters/dora.py`) it computes
     ``scale * (x W^T + s (x A^T) B^T) + b`` in the same buffer and also keeps the output: m's gradient needs
     the pre-scale tensor, which is ``(out - b) / scale``.
+
+    With ``weight_4bit`` (a bitsandbytes ``Params4bit``, QLoRA on CPU) ``weight`` is None: the frozen weight is
+    dequantized where it is needed, once in forward and once in backward, into a reused buffer, and never saved.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, scale: Tensor | None = None) -> Tensor:
+                scaling: float, scale: Tensor | None = None, weight_4bit: Tensor | None = None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xa = linear(x2, lora_A)  # (tokens, r)
-        out = linear(x2, weight, bias if scale is None else None)
+        w = weight if weight_4bit is None else dequantize_4bit(weight_4bit)
+        out = linear(x2, w, bias if scale is None else None)
         out.addmm_(xa, lora_B.t(), alpha=scaling)
         if scale is not None:  # DoRA: rescale, then add the bias (not rescaled)
             out.mul_(scale)
             if bias is not None:
                 out.add_(bias)
         ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, xa, scale, None if scale is None else out)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
+        ctx.scaling, ctx.x_shape, ctx.weight_4bit = scaling, x.shape, weight_4bit
+        return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -239,10 +257,14 @@ class LoRALinearFunction(torch.autograd.Function):
                 grad_scale = torch.where(scale != 0, summed / scale, 0.0)
             g_pre = g * scale
         g_xa = mm(g_pre, lora_B).mul_(s)  # (tokens, r): d loss / d (x A^T)
-        grad_x = mm(g_pre, weight).addmm_(g_xa, lora_A).view(ctx.x_shape) if need_x else None
+        if need_x:
+            w = weight if ctx.weight_4bit is None else dequantize_4bit(ctx.weight_4bit)
+            grad_x = mm(g_pre, w).addmm_(g_xa, lora_A).view(ctx.x_shape)
+        else:
+            grad_x = None
         grad_w = mm(g_pre.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_b and bias is not None else None
         grad_a = mm(g_xa.t(), x2) if need_a else None
         grad_b = mm(g_pre.t(), xa).mul_(s) if need_bb else None
-        grads = (grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_scale)
-        return grads[: len(ctx.needs_input_grad)]  # LoRA passes no scale: 6 inputs
+        grads = (grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_scale, None)
+        return grads[: len(ctx.needs_input_grad)]  # LoRA passes no scale: 6 inputs (8 over a 4-bit base)

@@ -1,5 +1,6 @@
 // litft's compiled CPU kernels, fp32: causal (grouped-query) attention forward/backward (optionally within packed
-// segments), RMSNorm and SwiGLU forward/backward (these two in bf16 too), and the small-batch linear of decoding.
+// segments), RMSNorm and SwiGLU forward/backward (these two in bf16 too), the small-batch linear of decoding, and the
+// dequantization of QLoRA's 4-bit weights.
 // litft/native.py builds this file once per machine (g++ -O3 -march=native -fopenmp) and calls it through ctypes;
 // litft/models/gpt.py uses it where it applies and torch everywhere else.
 //
@@ -33,6 +34,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // One vector register of floats: 16 with AVX-512 (32 registers: tiles of 6 rows x 4 vectors = 64 columns),
 // else 8 (AVX2's 16 registers: tiles of 6 rows x 2 vectors = 16 columns). -march=native picks.
@@ -507,4 +511,42 @@ extern "C" void litft_swiglu_backward(int nthreads, long n, const float* gate, c
 extern "C" void litft_swiglu_backward_bf16(int nthreads, long n, const bf16* gate, const bf16* up, const bf16* dy,
                                            bf16* dgate, bf16* dup) {
     swiglu_backward(nthreads, n, gate, up, dy, dgate, dup);
+}
+
+// ------------------------------------------------------------------------------------------ 4-bit dequantization
+// QLoRA's frozen base in bitsandbytes' 4-bit layout (nf4 / fp4): n values packed two per byte, the high nibble
+// first; one fp32 absmax per block of `blocksize` values (blocksize even); out[i] = lut[code_i] * absmax[i / bs],
+// one fp32 product, as bitsandbytes computes it. bitsandbytes' own CPU dequantization allocates its output each
+// call; this one writes into the caller's buffer, which a training step reuses for every layer (no fresh 4-64 MB
+// allocation and page faults per layer, forward and backward).
+extern "C" void litft_dequantize_4bit(int nthreads, long n, int blocksize, const uint8_t* codes, const float* absmax,
+                                      const float* lut, float* out) {
+    const long nblocks = n / blocksize;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long b = 0; b < nblocks; b++) {
+        const float a = absmax[b];
+        const uint8_t* c = codes + b * (blocksize / 2);
+        float* o = out + b * blocksize;
+        int i = 0;
+#if defined(__AVX512F__)
+        const __m512 table = _mm512_loadu_ps(lut), scale = _mm512_set1_ps(a);
+        const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+        const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+        const __m512i low4 = _mm512_set1_epi32(15);
+        for (; i + 32 <= blocksize; i += 32) {  // 16 bytes -> 32 values
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + i / 2)));
+            const __m512i q0 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(first, bytes), shifts), low4);
+            const __m512i q1 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(second, bytes), shifts), low4);
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_permutexvar_ps(q0, table), scale));
+            _mm512_storeu_ps(o + i + 16, _mm512_mul_ps(_mm512_permutexvar_ps(q1, table), scale));
+        }
+#endif
+        for (; i < blocksize; i += 2) {
+            o[i] = lut[c[i / 2] >> 4] * a;
+            o[i + 1] = lut[c[i / 2] & 15] * a;
+        }
+    }
+    for (long i = nblocks * blocksize; i < n; i++)  // a last, shorter block
+        out[i] = lut[(i & 1) ? codes[i / 2] & 15 : codes[i / 2] >> 4] * absmax[nblocks];
 }
