@@ -19,7 +19,8 @@ bnb.nf4-dq` with HF + peft + bitsandbytes (nf4, double quantization, fp32 comput
 Same model shape, same weights, same tokens, same settings as /work/shared/bench/peers_step.py:
 SmolLM2-135M shape (vocab 49152, d 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, tied embeddings,
 rope theta 1e5), random init, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, dropout 0, AdamW lr 2e-4,
-fp32, seq 512, batch 2; the step time is the median of `--steps` steps after one warmup step.
+fp32, seq 512, batch 2; the step time is the median of `--steps` steps after two warmup steps (litft's thread
+chooser probes during them: all threads, then one; so every timed step runs at the count it settled on).
 
 * The base weights are HF `LlamaForCausalLM`'s init with seed 0: the HF child builds them in place
   (as peers_step.py does), litft loads them from a litft checkpoint converted once from that same
@@ -61,6 +62,9 @@ R, ALPHA, LR = 16, 32.0, 2e-4
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED, DATA_SEED = 0, 1234
+# untimed steps first: litft's training loop probes its thread count on its first two steps (all threads, then one;
+# litft/threads.py, probe=1), so a single timed step after one warmup would be the one-thread probe
+WARMUP = 2
 
 
 def use_model(key: str) -> None:
@@ -228,7 +232,7 @@ def prepare(out: Path, dtype_name: str, hf_too: bool = False) -> None:
     from litft.models.config import Config
     from litft.models.hf import hf_to_litft
 
-    dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32  # bf16-mixed: fp32 weights
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(hf_config()).to(dtype)
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -241,12 +245,16 @@ def prepare(out: Path, dtype_name: str, hf_too: bool = False) -> None:
 def child(args) -> None:
     import torch
 
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32  # bf16-mixed: fp32 weights, bf16 autocast
     torch.manual_seed(SEED)
     t_setup = time.perf_counter()
     if args.child == "litft":
         from litft.methods.lora import LoRA
 
+        if os.environ.get("LORA_STEP_BNB_4BIT") == "1":  # the --litft-bnb-4bit contender
+            from litft.adapters.lora import LoRALinear
+
+            LoRALinear._can_fuse_4bit = lambda self, x: False
         m = LoRA(checkpoint_dir=Path(args.ckpt) / "litft", r=args.rank, alpha=ALPHA, dropout=0.0, targets=TARGETS, lr=LR,
                  warmup_steps=0, gradient_checkpointing=args.gradient_checkpointing,
                  **({"quantize": "bnb.nf4-dq"} if args.qlora else {}))
@@ -260,7 +268,9 @@ def child(args) -> None:
         path = ("litft.methods.lora.LoRA.training_step (the `litft finetune lora` path, minus Fabric); fp32 CPU matmuls: "
                 + ("oneDNN" if onednn_enabled() else "torch (MKL)") + "; attention, RMSNorm, SwiGLU: "
                 + ("litft's kernels (litft/native.py)" if native.enabled() else "torch (SDPA, ...)")
-                + ("; QLoRA: quantize bnb.nf4-dq (litft.adapters.quantize.load_quantized_model)" if args.qlora else ""))
+                + ("; QLoRA: quantize bnb.nf4-dq (litft.adapters.quantize.load_quantized_model), 4-bit products "
+                   + ("through bitsandbytes' Linear4bit" if os.environ.get("LORA_STEP_BNB_4BIT") == "1"
+                      else "dequantized by litft's kernel into a reused buffer") if args.qlora else ""))
 
         def forward(x):
             return m.training_step({"input_ids": x, "labels": x}) / (x.shape[0] * (x.shape[1] - 1))
@@ -311,18 +321,21 @@ def child(args) -> None:
     from litft.threads import ThreadChooser
 
     chooser = ThreadChooser(probe=1) if args.child == "litft" else None
-    for i in range(args.steps + 1):
-        if i == 1:  # step 0 is warmup; measure the machine's load over the timed steps
+    # bf16-mixed: the forward (and loss) under CPU autocast, backward outside it, as Fabric's MixedPrecision does
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16-mixed" else nullcontext()
+    for i in range(args.steps + WARMUP):
+        if i == WARMUP:  # the steps before are warmup; measure the machine's load over the timed steps
             busy0, own0, wall0 = busy_jiffies(), own_jiffies(), time.perf_counter()
             if prof is not None:
                 prof.start()
         with chooser.step() if chooser else nullcontext():
             t0 = time.perf_counter()
             if i == 0 and args.account:
-                with torch.autograd.graph.saved_tensors_hooks(*saved_activation_hooks(model, saved)):
+                with torch.autograd.graph.saved_tensors_hooks(*saved_activation_hooks(model, saved)), autocast:
                     loss = forward(x)
             else:
-                loss = forward(x)
+                with autocast:
+                    loss = forward(x)
             t1 = time.perf_counter()
             loss.backward()
             t2 = time.perf_counter()
@@ -339,7 +352,7 @@ def child(args) -> None:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1]) / 1024
-    timed = times[1:]
+    timed = times[WARMUP:]
     med = lambda j: statistics.median(t[j] for t in timed)  # noqa: E731
     res = dict(impl=args.child, path=path, dtype=args.dtype, threads=torch.get_num_threads(), seq=args.seq,
                batch=args.batch, steps=args.steps, trainable=ntrain, total=ntotal, setup_s=t_setup,
@@ -414,6 +427,8 @@ def run_child(impl: str, args, ckpt: Path, profile: bool = False) -> dict:
         impl, env["LITFT_CPU_MATMUL"] = "litft", "torch"
     if impl == "litft_torch":  # litft with torch's SDPA, RMSNorm and SwiGLU ops instead of litft/native.py's kernels
         impl, env["LITFT_CPU_KERNELS"] = "litft", "torch"
+    if impl == "litft_bnb4bit":  # --qlora: litft's 4-bit base through bitsandbytes' own matmul (the path before)
+        impl, env["LORA_STEP_BNB_4BIT"] = "litft", "1"
     if impl == "litft_fixed":  # litft keeping torch's thread count (no ThreadChooser): what the chooser buys
         impl, env["LITFT_ADAPTIVE_THREADS"] = "litft", "0"
     cmd = [sys.executable, __file__, "--child", impl, "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch",
@@ -439,11 +454,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=None, help="default 2 (--scale: 1)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 1 warmup step)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 2 warmup steps)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs")
     ap.add_argument("--only", choices=["litft", "hf", "litgpt"])
     ap.add_argument("--litft-mkl", action="store_true",
                     help="add litft with LITFT_CPU_MATMUL=torch (MKL fp32 matmuls) as a contender (see litft/cpu_kernels.py)")
+    ap.add_argument("--litft-bnb-4bit", action="store_true",
+                    help="with --qlora: add litft whose LoRA layers call bitsandbytes' Linear4bit (its dequantize + "
+                         "matmul) instead of litft's fused path (litft.cpu_kernels.dequantize_4bit)")
     ap.add_argument("--litft-torch", action="store_true",
                     help="add litft with LITFT_CPU_KERNELS=torch (SDPA and torch's RMSNorm/SwiGLU ops instead of "
                          "litft/native.py's kernels) as a contender")
@@ -457,7 +475,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="instead of the main comparison: litft vs HF over seq 256..2048 (r 16) and r 8..128 (seq 512), "
                          "one run each, alternating")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "bf16-mixed"], default="fp32",
+                    help="bf16: bf16 weights and activations (litft's --precision bf16-true); bf16-mixed: fp32 weights, "
+                         "the forward under torch.autocast('cpu', bfloat16) as Lightning's bf16-mixed runs it")
     ap.add_argument("--litft-fixed-threads", action="store_true",
                     help="add litft with LITFT_ADAPTIVE_THREADS=0 (torch's thread count throughout) as a contender")
     ap.add_argument("--busy", type=int, default=0,
@@ -545,7 +565,7 @@ def main() -> None:
 
         if args.profile:
             res = run_child(args.profile, args, ckpt, profile=True)
-            print(f"\n## torch.profiler, {args.profile}, {args.steps} steps after 1 warmup (self CPU time)")
+            print(f"\n## torch.profiler, {args.profile}, {args.steps} steps after {WARMUP} warmup (self CPU time)")
             print(res["stdout"])
             print(f"step {res['step_s']:.2f}s = forward {res['fwd_s']:.2f} + backward {res['bwd_s']:.2f} + "
                   f"optimizer {res['opt_s']:.3f} (medians, with profiler overhead); other_cores {res['other_cores']:.2f}")
@@ -557,10 +577,11 @@ def main() -> None:
         impls += ["litft_mkl"] if args.litft_mkl else []
         impls += ["litft_torch"] if args.litft_torch else []
         impls += ["litft_fixed"] if args.litft_fixed_threads else []
+        impls += ["litft_bnb4bit"] if args.litft_bnb_4bit else []
         if not args.only and not args.litgpt_python:
             print("\n(LitGPT not run: pass --litgpt-python, see ../shared/bench/peers_step.py for its virtualenv)")
         results: dict[str, list[dict]] = {i: [] for i in impls}
-        print(f"\n## runs (seq {args.seq}, batch {args.batch}, r {args.rank}, {args.steps} timed steps after 1 warmup, "
+        print(f"\n## runs (seq {args.seq}, batch {args.batch}, r {args.rank}, {args.steps} timed steps after {WARMUP} warmup, "
               f"{args.dtype})")
         busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]
         if busy:
@@ -648,7 +669,7 @@ def scale(args) -> None:
     """litft vs HF per model shape and sequence length: one run each, alternating, with the memory account."""
     args.account = True
     models, seqs = args.models.split(","), [int(s) for s in args.seqs.split(",")]
-    print(f"\n## scale (batch {args.batch}, r {args.rank}, {args.steps} timed steps after 1 warmup, {args.dtype}; "
+    print(f"\n## scale (batch {args.batch}, r {args.rank}, {args.steps} timed steps after {WARMUP} warmup, {args.dtype}; "
           f"one run per cell, litft then HF)\n")
     print("| model | seq | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | "
           "litft train peak MB | HF train peak MB | litft GFLOP/s | loss step 1 litft / HF | other cores |")
@@ -676,7 +697,7 @@ def scale(args) -> None:
 def sweep(args, ckpt: Path, peak: float | None) -> None:
     """litft vs HF over sequence length (r 16) and rank (seq 512): one run each, alternating."""
     points = [(seq, R) for seq in (256, 512, 1024, 2048)] + [(512, r) for r in (8, 32, 64, 128)]
-    print(f"\n## sweep (batch {args.batch}, {args.steps} timed steps after 1 warmup, {args.dtype}; one run per cell)\n")
+    print(f"\n## sweep (batch {args.batch}, {args.steps} timed steps after {WARMUP} warmup, {args.dtype}; one run per cell)\n")
     print("| seq | r | litft tok/s | HF tok/s | litft / HF | litft peak RSS MB | HF peak RSS MB | RSS ratio | litft % of roofline (seq-512 step's) | other cores |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seq, rank in points:

@@ -282,12 +282,13 @@ def enabled() -> bool:
     return library() is not None
 
 
-def usable(*tensors: Tensor, bf16: bool = False) -> bool:
-    """All fp32 CPU tensors (or, with bf16=True, all fp32 or all bf16: RMSNorm and SwiGLU take both), no CPU
-    autocast (which would run these ops in bf16), outside tracing/compiling, and the kernels are built."""
+def usable(*tensors: Tensor, bf16: bool = False, elementwise: bool = False) -> bool:
+    """All fp32 CPU tensors (or, with bf16=True, all fp32 or all bf16: RMSNorm and SwiGLU take both), outside
+    tracing/compiling, the kernels are built, and no CPU autocast -- unless `elementwise`: autocast would run
+    attention and products in bf16, but leaves elementwise ops (RMSNorm's and SwiGLU's) in their inputs' dtype."""
     dtype = tensors[0].dtype if bf16 and tensors[0].dtype == torch.bfloat16 else torch.float32
     return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and (elementwise or not torch.is_autocast_enabled("cpu")) and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and enabled())
 
 

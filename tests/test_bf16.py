@@ -103,6 +103,32 @@ def test_causal_attention():
     check(causal_attention, reference, [bf16_leaf(2, 4, 12, 16), bf16_leaf(2, 2, 12, 16), bf16_leaf(2, 2, 12, 16)])
 
 
+def test_rmsnorm_and_swiglu_kernels_run_under_autocast(monkeypatch):
+    """Autocast leaves elementwise ops in their inputs' dtype, so bf16-mixed still gets the one-pass kernels: RMSNorm
+    on the fp32 residual stream, SwiGLU on the bf16 products. Their results equal those of torch's ops under
+    autocast (RMSNorm in fp32 to rounding; SwiGLU within TOL: the kernel rounds once, torch twice)."""
+    from litft import native
+
+    if not native.enabled():
+        pytest.skip("no C++ compiler: litft's CPU kernels were not built")
+    calls = []
+    for name in ("rmsnorm_forward", "swiglu_forward"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 7, 32), torch.rand(32) + 0.5
+    gate, up = torch.randn(4, 7, 64).to(BF16), torch.randn(4, 7, 64).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        normed, swiglu = RMSNormFunction.apply(x, w, 1e-5, False), SwiGLU.apply(gate, up)
+    assert calls == ["rmsnorm_forward", "swiglu_forward"]
+    assert normed.dtype == torch.float32 and swiglu.dtype == BF16
+    monkeypatch.setenv("LITFT_CPU_KERNELS", "torch")
+    with torch.autocast("cpu", dtype=BF16):
+        torch.testing.assert_close(normed, RMSNormFunction.apply(x, w, 1e-5, False), atol=1e-5, rtol=1e-5)
+        assert rel_err(swiglu, SwiGLU.apply(gate, up).float()) <= TOL
+    assert calls == ["rmsnorm_forward", "swiglu_forward"]
+
+
 def test_linear_cross_entropy():
     """LinearCrossEntropy through `chunked_cross_entropy`: a trainable head with a bias (full fine-tuning),
     several chunks, masked targets. The loss is fp32 by design; the gradients bf16."""
@@ -162,6 +188,41 @@ def test_lora_fused():
         return x @ W.t() + b + 2.0 * (x @ A.t()) @ B.t()
 
     check(fused, reference, [bf16_leaf(3, 5, 48), base.weight, base.bias, layer.lora_A, layer.lora_B])
+
+
+@pytest.mark.parametrize("frozen_base", [True, False])
+def test_lora_fused_under_autocast(frozen_base, monkeypatch):
+    """bf16-mixed: fp32 weights, the forward under CPU bf16 autocast. The layer runs LoRALinearFunction in bf16 on
+    one cast of x (and a cast of the frozen weight kept between calls); against the fp32 formula within TOL, and
+    against torch's own autocast of the unfused layer (each product cast and rounded by autocast) within TOL too.
+    The kept cast follows the weight: after an in-place change (a merge, a load) the output changes with it."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 40), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    base = layer.base_layer
+    base.requires_grad_(not frozen_base)
+    leaves = [(torch.randn(3, 5, 48)).requires_grad_(), layer.lora_A, layer.lora_B]
+    leaves += [] if frozen_base else [base.weight, base.bias]
+
+    def fused(x, *params):
+        with torch.autocast("cpu", dtype=BF16):
+            out = layer(x)
+        assert out.grad_fn.name() == "LoRALinearFunctionBackward"
+        return out
+
+    def reference(x, A, B, W=base.weight.detach(), b=base.bias.detach()):
+        return x @ W.float().t() + b.float() + 2.0 * (x @ A.t()) @ B.t()
+
+    check(fused, reference, leaves)
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        ours = layer(x)
+        monkeypatch.setattr(LoRALinear, "_can_fuse_autocast", lambda self, x: False)
+        torchs = layer(x)
+        assert torchs.dtype == BF16 and rel_err(ours, torchs.float()) <= TOL
+        monkeypatch.undo()
+        base.weight.mul_(2.0)  # bumps the weight's version: a frozen base's kept cast is made again
+        assert rel_err(layer(x), reference(x, layer.lora_A, layer.lora_B, base.weight, base.bias)) <= TOL
 
 
 @pytest.mark.parametrize("fused", [True, False])

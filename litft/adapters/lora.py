@@ -119,6 +119,12 @@ class LoRALinear(nn.Module):
         if self._can_fuse(x):
             base = self.base_layer
             return LoRALinearFunction.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
+        if self._can_fuse_autocast(x):  # bf16-mixed on CPU: the fused Function in bf16, cast as autocast would
+            base, low = self.base_layer, torch.get_autocast_dtype("cpu")
+            with torch.autocast("cpu", enabled=False):
+                return LoRALinearFunction.apply(
+                    x.to(low), self._weight_in(low), None if base.bias is None else base.bias.to(low),
+                    self.lora_A.to(low), self.lora_B.to(low), self.scaling)
         if self._can_fuse_4bit(x):  # QLoRA on CPU: the base weight dequantized by litft's kernel, per use
             base = self.base_layer
             return LoRALinearFunction.apply(x, None, base.bias, self.lora_A, self.lora_B, self.scaling, None,
@@ -134,6 +140,33 @@ class LoRALinear(nn.Module):
             and x.dtype == self.base_layer.weight.dtype == self.lora_A.dtype
             and not torch.is_autocast_enabled(x.device.type)
         )
+
+    def _can_fuse_autocast(self, x: Tensor) -> bool:
+        """bf16-mixed on CPU (fp32 weights, forward under bf16 autocast): autocast would cast x twice (for the base
+        product and for A), every weight on every call, and run the scaling and the sum as separate bf16 ops. Here x
+        is cast once and the fused Function runs in bf16: the same products in the same dtype, fewer passes."""
+        return (
+            self.lora_dropout is None
+            and type(self.base_layer) is nn.Linear
+            and x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and self.base_layer.weight.dtype == self.lora_A.dtype == torch.float32
+        )
+
+    def _weight_in(self, dtype: torch.dtype) -> Tensor:
+        """The base weight cast to `dtype`: a trainable one through autograd on every call (as autocast does); a
+        frozen one cast once and kept until the weight changes (merge, load), as big as the saved casts autocast
+        would hold from forward to backward."""
+        weight = self.base_layer.weight
+        if weight.requires_grad:
+            return weight.to(dtype)
+        key = (weight.data_ptr(), weight._version, weight.device, dtype)
+        if getattr(self, "_weight_cast_key", None) != key:
+            self._weight_cast = None  # free the old copy before making the new one
+            self._weight_cast, self._weight_cast_key = weight.detach().to(dtype), key
+        return self._weight_cast
 
     def _can_fuse_4bit(self, x: Tensor) -> bool:
         """The fused path over a bitsandbytes 4-bit base on CPU (fp32 compute): see `litft.cpu_kernels.dequantize_4bit`."""

@@ -93,14 +93,14 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        if native.usable(gate, up, bf16=True):  # one pass instead of two (litft/native.py)
+        if native.usable(gate, up, bf16=True, elementwise=True):  # one pass instead of two (litft/native.py)
             return native.swiglu_forward(gate, up)
         return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        if native.usable(gate, up, grad, bf16=True):
+        if native.usable(gate, up, grad, bf16=True, elementwise=True):
             return native.swiglu_backward(gate, up, grad)
         grad_up = F.silu(gate).mul_(grad)  # silu recomputed: one pass, instead of keeping it
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # torch's fused d silu / d gate
@@ -114,7 +114,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
         ctx.unit_offset = unit_offset
-        if native.usable(x, weight, bf16=True):  # one pass instead of four (litft/native.py)
+        if native.usable(x, weight, bf16=True, elementwise=True):  # one pass instead of four (litft/native.py)
             scale = weight.float() + 1.0 if unit_offset else weight
             out, rstd = native.rmsnorm_forward(x, scale, eps, round_normed=not unit_offset)
             ctx.save_for_backward(x, weight, rstd)
@@ -131,7 +131,7 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         scale = weight.float() + 1.0 if ctx.unit_offset else weight.float()
         x_hat = None
-        if native.usable(x, grad, bf16=True):
+        if native.usable(x, grad, bf16=True, elementwise=True):
             grad_x = native.rmsnorm_backward(x, scale, rstd, grad)
         else:
             x_hat = x.float() * rstd
@@ -191,13 +191,23 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if needs_h else None
         grad_w = grad_b = None
         total = h.new_zeros((), dtype=torch.float32)
+        device = h.device.type
+        if torch.is_autocast_enabled(device):
+            # bf16-mixed: the products in autocast's dtype, as autocast runs them, but the head weight cast once,
+            # not once per chunk and product (the casts of the (vocab x C) weight and the (chunk x vocab) gradient
+            # were ~10% of a SmolLM2 step)
+            low = torch.get_autocast_dtype(device)
+            weight, bias = weight.to(low), None if bias is None else bias.to(low)
+            with torch.autocast(device, enabled=False):
+                return LinearCrossEntropy.forward(ctx, h, weight, bias, targets, chunk_size, low)
         for i in range(0, len(targets), chunk_size):
             h_c, t_c = h[i : i + chunk_size], targets[i : i + chunk_size]
+            h_c = h_c if compute_dtype is None else h_c.to(compute_dtype)
             logits = linear(h_c, weight, bias).float()
             target_logits = logits.gather(1, t_c.unsqueeze(1))
             row_max = logits.amax(dim=1, keepdim=True)
@@ -206,14 +216,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = total + (row_max + sums.log() - target_logits).sum()
             grad_logits = probs.div_(sums)  # softmax ...
             grad_logits.scatter_add_(1, t_c.unsqueeze(1), grad_logits.new_full((len(t_c), 1), -1.0))  # ... - onehot
-            grad_logits = grad_logits.to(h.dtype)
+            grad_logits = grad_logits.to(h_c.dtype)
             if needs_h:
                 grad_h[i : i + chunk_size] = mm(grad_logits, weight)
-            if needs_w:  # accumulated in place: one head-sized buffer
+            if needs_w:  # accumulated in place: one head-sized buffer (in the products' dtype, as autocast's was)
                 if grad_w is None:
                     grad_w = mm(grad_logits.t(), h_c)
-                else:  # under autocast that mm ran in bf16, and in-place ops are not autocast: cast as it would
-                    grad_w.addmm_(grad_logits.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
+                else:
+                    grad_w.addmm_(grad_logits.t(), h_c)
             if needs_b and bias is not None:
                 grad_b = grad_logits.sum(0) if grad_b is None else grad_b.add_(grad_logits.sum(0))
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -223,4 +233,4 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None
