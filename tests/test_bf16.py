@@ -71,6 +71,30 @@ def test_rope(rotary_fraction):
     check(lambda x: Rope.apply(x, cos, sin), reference, [bf16_leaf(2, 4, 9, D)])
 
 
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_rope_bf16_with_fp32_tables_rounds_once(rotary_fraction):
+    """bf16-mixed: q, k in bf16 (autocast's products), cos/sin in fp32 (the fp32 model's). The rotation runs in fp32
+    and rounds to bf16 once: exactly the fp32 rotation of the same values, rounded (as HF's fp32 rotation followed by
+    autocast's cast); the gradient likewise."""
+    torch.manual_seed(0)
+    D = 32
+    rd = int(D * rotary_fraction)
+    freqs = torch.rand(1, 1, 9, rd // 2) * 3
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    def rotate(x, sin):  # HF's formula, fp32
+        x_rot, x_pass = x[..., :rd], x[..., rd:]
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+
+    x, grad = bf16_leaf(2, 4, 9, D), torch.randn(2, 4, 9, D).to(BF16)
+    out = Rope.apply(x, cos, sin)
+    out.backward(grad)
+    assert out.dtype == x.grad.dtype == BF16
+    torch.testing.assert_close(out, rotate(x.detach().float(), sin).to(BF16), atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, rotate(grad.float(), -sin).to(BF16), atol=0, rtol=0)
+
+
 def test_swiglu():
     torch.manual_seed(0)
     check(SwiGLU.apply, lambda gate, up: F.silu(gate) * up, [bf16_leaf(6, 48, scale=2.0), bf16_leaf(6, 48)])

@@ -148,6 +148,12 @@ class RMSNormFunction(torch.autograd.Function):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # cos/sin repeat their first half (cat(freqs, freqs)), so with x = (x1, x2) per rotary half:
     # out1 = x1 c - x2 s, out2 = x2 c + x1 s; written into one output, no temporaries of x's size.
+    # bf16-mixed: q, k come in bf16 (autocast's products) while cos/sin stay fp32. Rotate in fp32 and round once at
+    # the end (as HF's fp32 rotation then SDPA's autocast cast do): into a bf16 `out`, every op below would compute
+    # in fp32 and copy back, rounding twice per half.
+    dtype = x.dtype
+    if dtype != cos.dtype and cos.dtype == torch.float32:
+        x = x.float()  # once: mixed-dtype ops would each cast their operand again
     half = cos.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., :half], x[..., half : 2 * half]
@@ -159,7 +165,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     o2.addcmul_(x1, s)
     if 2 * half < x.shape[-1]:  # partial rotary (NeoX, Phi): the rest passes through
         out[..., 2 * half :] = x[..., 2 * half :]
-    return out
+    return out.to(dtype)
 
 
 class Rope(torch.autograd.Function):
