@@ -312,7 +312,8 @@ BENCH = "benchmarks/README.md"
 QUOTED = [
     ("README.md", "## Speed and memory", BENCH, ["### Current code (third session)", "## DoRA vs LoRA",
                                                  "## Greedy decoding", "## Shared cores", "## Real SFT batches",
-                                                 "### bf16 on this CPU"]),
+                                                 "### bf16 on this CPU",
+                                                 "## Issue 21 on the fourth session's machine"]),
     ("README.md", "### QLoRA: a quantized frozen base", "tutorials/qlora.md", ["## Modes", "## How it works", "## Measured"]),
     ("tutorials/methods.md", "### What DoRA costs (benchmark)", BENCH, ["## Machine", "## DoRA vs LoRA"]),
     ("tutorials/qlora.md", "## On the demo task", "tutorials/methods.md", ["### Results on the demo"]),

@@ -37,7 +37,9 @@ never straddle two token rows, so a row's codes and statistics can be gathered o
 
 Gradients: bnb's autograd functions dequantize the frozen weight in backward to pass the gradient
 on to the input, so the adapters of every layer get exact gradients through the dequantized
-weights; the quantized weights themselves never get a gradient.
+weights; the quantized weights themselves never get a gradient. On CPU (fp32 compute) a LoRA layer
+over a 4-bit base does the same with litft's own dequantization into one reused buffer
+(`litft.cpu_kernels.dequantize_4bit`, bit-equal to bnb's) instead of calling the bnb layer.
 """
 from __future__ import annotations
 
