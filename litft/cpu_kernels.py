@@ -36,8 +36,8 @@ from torch import Tensor
 from litft import native
 from litft.utils import LitftError
 
-__all__ = ["mm", "linear", "use_onednn", "onednn_enabled", "SMALL_ROWS", "small_rows_ok", "frozen_4bit_ok",
-           "dequantize_4bit"]
+__all__ = ["mm", "linear", "use_onednn", "onednn_enabled", "SMALL_ROWS", "small_rows_ok", "litft_dequantizes",
+           "frozen_4bit_ok", "dequantize_4bit"]
 
 
 def cpu_vendor() -> str:
@@ -121,24 +121,33 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 
-def frozen_4bit_ok(x: Tensor, layer: torch.nn.Module) -> bool:
-    """`layer` is a bitsandbytes Linear4bit in the plain layout with an fp32 QuantState, and `x` an fp32 CPU tensor:
-    `dequantize_4bit` gives exactly the weight bitsandbytes would multiply `x` by."""
+def litft_dequantizes(layer: torch.nn.Module) -> bool:
+    """`layer` is a bitsandbytes Linear4bit on CPU in the plain layout with an fp32 QuantState, and litft's kernels are
+    built: `dequantize_4bit` takes its weight. (bitsandbytes 0.50.2's own CPU kernel returns wrong values for some
+    shapes, e.g. a 64 x 96 weight, where its pure-torch reference and litft's kernel agree with the quantization;
+    `tests/test_native.py`. So where litft computes with its dequantization, it merges and exports with it too.)"""
     weight = getattr(layer, "weight", None)
     qs = getattr(weight, "quant_state", None)
     return (type(layer).__name__ == "Linear4bit" and type(weight).__name__ == "Params4bit" and qs is not None
             and qs.dtype == torch.float32 and len(qs.shape) == 2 and qs.blocksize % 2 == 0
             and not getattr(qs, "packing_format_for_cpu", False) and qs.code is not None and qs.code.numel() == 16
             and (not qs.nested or qs.state2.blocksize == 256)
-            and weight.device.type == "cpu" and native.usable(x))
+            and weight.device.type == "cpu" and native.enabled())
+
+
+def frozen_4bit_ok(x: Tensor, layer: torch.nn.Module) -> bool:
+    """`litft_dequantizes(layer)`, and `x` is an fp32 CPU tensor (no autocast): a LoRA layer can compute with
+    `dequantize_4bit`'s weight."""
+    return native.usable(x) and litft_dequantizes(layer)
 
 
 _SCRATCH = torch.empty(0)  # the buffer `dequantize_4bit` writes into, grown to the largest weight
 
 
-def dequantize_4bit(weight: Tensor) -> Tensor:
-    """The (out, in) fp32 weight of a bnb `Params4bit` (see `frozen_4bit_ok`), in a buffer shared by all calls: the
-    result is valid until the next call, so use it and drop it (autograd functions re-dequantize in backward)."""
+def dequantize_4bit(weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """The (out, in) fp32 weight of a bnb `Params4bit` (see `litft_dequantizes`): into `out` if given, else into a
+    buffer shared by all calls, valid until the next call, so use it and drop it (autograd functions re-dequantize in
+    backward)."""
     global _SCRATCH
     qs = weight.quant_state
     absmax = qs.absmax
@@ -147,9 +156,10 @@ def dequantize_4bit(weight: Tensor) -> Tensor:
 
         absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
     n = qs.shape[0] * qs.shape[1]
-    if _SCRATCH.numel() < n:
-        _SCRATCH = torch.empty(0)  # free the smaller one first
-        _SCRATCH = torch.empty(n)
-    out = _SCRATCH[:n].view(qs.shape)
+    if out is None:
+        if _SCRATCH.numel() < n:
+            _SCRATCH = torch.empty(0)  # free the smaller one first
+            _SCRATCH = torch.empty(n)
+        out = _SCRATCH[:n].view(qs.shape)
     return native.dequantize_4bit(weight.data.view(torch.uint8).view(-1), absmax.float(), qs.code.float(),
                                   qs.blocksize, out)

@@ -7,6 +7,7 @@ together."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import stat
@@ -645,21 +646,34 @@ def bnb_4bit(shape, quant_type, double_quant, blocksize=64, seed=0):
     return codes.view(-1), absmax.float(), qs.code.float(), bnb_f.dequantize_4bit(codes, qs)
 
 
+def format_dequantized(codes, absmax, code, blocksize, shape):
+    """The 4-bit format written out (QLoRA paper; bitsandbytes' layout): value i is code[nibble i] * absmax[i // bs],
+    nibbles high first, over the row-major flattened weight."""
+    nibbles = torch.stack((codes.long() >> 4, codes.long() & 15), dim=1).reshape(-1)[: math.prod(shape)]
+    return (code[nibbles] * absmax.repeat_interleave(blocksize)[: nibbles.numel()]).view(shape)
+
+
 @needs_kernel
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("shape,blocksize", [((256, 192), 64), ((3, 50), 64), ((7, 9), 64), ((33, 128), 128)])
-def test_dequantize_4bit_equals_bitsandbytes(quant_type, double_quant, shape, blocksize):
-    """Bit for bit: the vector loop (blocks of 64, 128), a last short block (3 x 50 = 150 values), an odd count
-    (7 x 9: the last byte's low nibble is padding), both code tables, plain and double-quantized absmaxes."""
+@pytest.mark.parametrize("shape,blocksize", [((256, 192), 64), ((3, 50), 64), ((7, 9), 64), ((33, 128), 128),
+                                             ((64, 96), 64)])
+def test_dequantize_4bit_equals_the_format_and_bitsandbytes(quant_type, double_quant, shape, blocksize):
+    """Bit for bit against the format written out, and against `bitsandbytes.functional.dequantize_4bit`: the vector
+    loop (blocks of 64, 128), a last short block (3 x 50 = 150 values), an odd count (7 x 9: the last byte's low
+    nibble is padding), both code tables, plain and double-quantized absmaxes. For 64 x 96 (rows of 1.5 blocks)
+    bitsandbytes 0.50.2's CPU kernel returns other values (0.04 from the weight where the quantization error is 0.009;
+    its pure-torch reference agrees with the format), so there only the format is the oracle."""
     codes, absmax, code, ref = bnb_4bit(shape, quant_type, double_quant, blocksize)
     out = torch.full(shape, float("nan"))
     assert native.dequantize_4bit(codes, absmax, code, blocksize, out) is out
-    assert torch.equal(out, ref)
+    assert torch.equal(out, format_dequantized(codes, absmax, code, blocksize, shape))
+    if shape != (64, 96):
+        assert torch.equal(out, ref)
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:
-        assert torch.equal(native.dequantize_4bit(codes, absmax, code, blocksize, torch.empty(shape)), ref)
+        assert torch.equal(native.dequantize_4bit(codes, absmax, code, blocksize, torch.empty(shape)), out)
     finally:
         torch.set_num_threads(threads)
 

@@ -57,6 +57,7 @@ from torch.nn import functional as F
 
 from litft.adapters.inject import TARGET_ALIASES
 from litft.checkpoint import check_checkpoint_dir, load_model
+from litft.cpu_kernels import dequantize_4bit, litft_dequantizes
 from litft.models.config import Config
 from litft.models.gpt import GPT
 from litft.utils import LitftError
@@ -420,11 +421,13 @@ def is_quantized_linear(module: nn.Module) -> bool:
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The (out, in) weight a quantized layer computes with (a `QuantizedEmbedding`: its table), as
     bitsandbytes dequantizes it: 4 bit in the dtype it was quantized from; 8 bit as int8 x row
-    absmax / 127 in fp32."""
+    absmax / 127 in fp32. A 4-bit layer litft computes with on CPU (`litft_dequantizes`): litft's dequantization."""
     if isinstance(layer, QuantizedEmbedding):
         return layer.dequantize()
     bnb = _bnb()
     w = layer.weight
+    if litft_dequantizes(layer):  # what litft's QLoRA layers compute with on CPU (see litft.cpu_kernels)
+        return dequantize_4bit(w, out=torch.empty(tuple(w.quant_state.shape)))
     if type(w).__name__ == "Params4bit":
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)
     # Linear8bitLt moves CB/SCB from the parameter into its matmul state on the first forward
