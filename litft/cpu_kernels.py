@@ -37,7 +37,7 @@ from litft import native
 from litft.utils import LitftError
 
 __all__ = ["mm", "linear", "use_onednn", "onednn_enabled", "SMALL_ROWS", "small_rows_ok", "litft_dequantizes",
-           "frozen_4bit_ok", "dequantize_4bit"]
+           "frozen_4bit_ok", "quant_state_absmax", "dequantize_4bit"]
 
 
 def cpu_vendor() -> str:
@@ -144,22 +144,27 @@ def frozen_4bit_ok(x: Tensor, layer: torch.nn.Module) -> bool:
 _SCRATCH = torch.empty(0)  # the buffer `dequantize_4bit` writes into, grown to the largest weight
 
 
+def quant_state_absmax(qs) -> Tensor:
+    """The fp32 absmax per block of a bnb 4-bit QuantState, as `bitsandbytes.functional.dequantize_4bit` forms it:
+    with double quantization the 8-bit absmaxes are dequantized first (1/64 of the weight's size, cheap)."""
+    if not qs.nested:
+        return qs.absmax.float()
+    from bitsandbytes.functional import dequantize_blockwise
+
+    return (dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+
+
 def dequantize_4bit(weight: Tensor, out: Tensor | None = None) -> Tensor:
     """The (out, in) fp32 weight of a bnb `Params4bit` (see `litft_dequantizes`): into `out` if given, else into a
     buffer shared by all calls, valid until the next call, so use it and drop it (autograd functions re-dequantize in
     backward)."""
     global _SCRATCH
     qs = weight.quant_state
-    absmax = qs.absmax
-    if qs.nested:  # the 8-bit absmaxes of double quantization, as bitsandbytes dequantizes them (1/64 of the weight)
-        from bitsandbytes.functional import dequantize_blockwise
-
-        absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
     n = qs.shape[0] * qs.shape[1]
     if out is None:
         if _SCRATCH.numel() < n:
             _SCRATCH = torch.empty(0)  # free the smaller one first
             _SCRATCH = torch.empty(n)
         out = _SCRATCH[:n].view(qs.shape)
-    return native.dequantize_4bit(weight.data.view(torch.uint8).view(-1), absmax.float(), qs.code.float(),
+    return native.dequantize_4bit(weight.data.view(torch.uint8).view(-1), quant_state_absmax(qs), qs.code.float(),
                                   qs.blocksize, out)

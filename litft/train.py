@@ -423,9 +423,9 @@ def fit(fabric: L.Fabric, method: Finetune, data: DataModule, out_dir: Path, tra
 
 
 def train_loop(fabric: L.Fabric, method: Finetune, model, optimizer, scheduler, data: DataModule, tokenizer: Tokenizer,
-               train_loader: DataLoader, train_sampler: LengthGroupedSampler | DistributedSampler, val_loader: DataLoader, train: TrainArgs,
-               eval: EvalArgs, state: dict, total_steps: int, accum: int, out_dir: Path, metrics: dict[str, float],
-               stop: list[bool]) -> None:
+               train_loader: DataLoader, train_sampler: LengthGroupedSampler | DistributedSampler,
+               val_loader: DataLoader, train: TrainArgs, eval: EvalArgs, state: dict, total_steps: int, accum: int,
+               out_dir: Path, metrics: dict[str, float], stop: list[bool]) -> None:
     """Optimizer steps from state["step"] to total_steps: log, validate, save step-N, prune; on Ctrl-C, stop
     after the step."""
     world = fabric.world_size
@@ -560,7 +560,8 @@ def _save_final(method: Finetune, d: Path, out_dir: Path) -> None:
     shutil.copy2(out_dir / "config.yaml", d / "run_config.yaml")
 
 
-def micro_batches(loader: DataLoader, sampler: LengthGroupedSampler | DistributedSampler, state: dict[str, int]) -> Iterator[dict]:
+def micro_batches(loader: DataLoader, sampler: LengthGroupedSampler | DistributedSampler,
+                  state: dict[str, int]) -> Iterator[dict]:
     """Micro-batches forever, epoch after epoch, in a deterministic order (seed + epoch), starting
     at the position `state` records, so a resumed run sees exactly the batches it would have seen."""
     while True:

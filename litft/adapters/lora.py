@@ -172,10 +172,9 @@ class LoRALinear(nn.Module):
         """The fused path over a bitsandbytes 4-bit base on CPU (fp32 compute): see `litft.cpu_kernels.dequantize_4bit`."""
         return (
             self.lora_dropout is None
-            and x.dtype == self.lora_A.dtype == torch.float32
+            and self.lora_A.dtype == torch.float32
             and (self.base_layer.bias is None or self.base_layer.bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled(x.device.type)
-            and frozen_4bit_ok(x, self.base_layer)
+            and frozen_4bit_ok(x, self.base_layer)  # x: fp32 on CPU, no autocast
         )
 
     # -------------------------------------------------------------------- merge

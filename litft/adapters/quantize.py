@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from litft.adapters.inject import TARGET_ALIASES
 from litft.checkpoint import check_checkpoint_dir, load_model
-from litft.cpu_kernels import dequantize_4bit, litft_dequantizes
+from litft.cpu_kernels import dequantize_4bit, litft_dequantizes, quant_state_absmax
 from litft.models.config import Config
 from litft.models.gpt import GPT
 from litft.utils import LitftError
@@ -248,14 +248,6 @@ class QuantizedEmbedding(nn.Module):
             return self.weight.view(torch.int8)
         return self.weight.view(torch.uint8).view(-1, 1)
 
-    def _absmax(self) -> torch.Tensor:
-        """fp32 absmax per block of 64, as `dequantize_4bit` computes it (dequantizing the 8-bit
-        absmaxes of double quantization first: 1/64 of the table's size, cheap)."""
-        qs = self.quant_state
-        if not qs.nested:
-            return qs.absmax
-        return (_bnb().functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         bnb, shape = _bnb(), (*input_ids.shape, self.embedding_dim)
         if self.quant_state is None:
@@ -266,7 +258,7 @@ class QuantizedEmbedding(nn.Module):
             # bitsandbytes dequantizes just these (rows are whole blocks: check_embedding_width).
             qs = self.quant_state
             packed = self.weight.view(torch.uint8)[input_ids]
-            absmax = self._absmax().view(self.num_embeddings, -1)[input_ids]
+            absmax = quant_state_absmax(qs).view(self.num_embeddings, -1)[input_ids]
             rows_state = bnb.functional.QuantState(absmax=absmax.reshape(-1), shape=torch.Size(shape), code=qs.code,
                                                    blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=qs.dtype)
             rows = bnb.functional.dequantize_4bit(packed.reshape(-1, 1), rows_state)
