@@ -57,6 +57,7 @@ from torch import Tensor
 from litft.utils import LitftError, atomic_path
 
 __all__ = ["kernels_choice", "enabled", "usable", "attention_supported", "attention_forward", "attention_backward",
+           "amx_available", "attention_bf16_supported", "attention_backward_bf16",
            "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward", "linear_small",
            "dequantize_4bit"]
 
@@ -69,6 +70,7 @@ LOCK_TIMEOUT = 600  # seconds to wait for another process's build (one takes ~2 
 _LIB: ctypes.CDLL | None = None
 _UNAVAILABLE: str | None = None  # why they could not be loaded: LITFT_CPU_KERNELS=litft raises it on every use
 _TRIED = False
+_AMX: bool | None = None  # whether the bf16 attention backward (AMX tiles) runs here; asked once per process
 
 
 class _Unavailable(Exception):
@@ -255,6 +257,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.litft_swiglu_backward.argtypes = lib.litft_swiglu_backward_bf16.argtypes = [i, c_long, p, p, p, p, p]
     lib.litft_linear_small.argtypes = [i, i, i, i, p, p, p, p]
     lib.litft_dequantize_4bit.argtypes = [i, c_long, i, p, p, p, p]
+    lib.litft_amx_available.argtypes = []
+    lib.litft_amx_available.restype = i
+    lib.litft_attention_backward_bf16.argtypes = [i, i, i, i, i, i, i, f, p, c_long, c_long, c_long, p, p, p,
+                                                  p, c_long, c_long, c_long, p, c_long, c_long, c_long, p, p, p, p]
+    lib.litft_attention_backward_bf16.restype = i
 
 
 def library() -> ctypes.CDLL | None:
@@ -385,6 +392,50 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tenso
     _check(rc, q, k)
     dk = dk[0] if dk.shape[0] == 1 else dk.sum(0)
     dv = dv[0] if dv.shape[0] == 1 else dv.sum(0)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def amx_available() -> bool:
+    """Whether `attention_backward_bf16` runs here: the kernels are built, this CPU has AMX (bf16 tiles) and the
+    OS grants them to this process (Linux: arch_prctl, asked once)."""
+    global _AMX
+    if _AMX is None and enabled():
+        _AMX = bool(_lib().litft_amx_available())
+    return bool(_AMX) and enabled()
+
+
+def attention_bf16_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """bf16 q (B, H, T, Dh), k/v (B, KV, T, Dh), causal over equal lengths, head size a multiple of 32, and AMX:
+    what `attention_backward_bf16` covers (autocast or not: the inputs are bf16 either way)."""
+    return (q.dim() == 4 and q.shape[-1] % 32 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[1] % k.shape[1] == 0
+            and q.shape[2] == k.shape[2] == v.shape[2]
+            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in (q, k, v))
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and amx_available())
+
+
+def attention_backward_bf16(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """d/dq, d/dk, d/dv (bf16, shapes of q, k, v) of sum(grad * out) for causal attention, out and lse (natural
+    log, (B, H, T) fp32) as torch's CPU flash-attention forward returns them
+    (`torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`)."""
+    q, out, grad = _last_contiguous(q), _last_contiguous(out), _last_contiguous(grad)
+    B, H, T, Dh = q.shape
+    KV = k.shape[1]
+    kp, kt, vp = _packed(k, transpose=False), _packed(k, transpose=True), _packed(v, transpose=False)
+    lse = lse.float().contiguous()
+    dq = q.new_empty(B, T, H, Dh)
+    dk = torch.empty(H // KV, B, T, KV, Dh)  # fp32 partial sums per query head of a kv group, summed below
+    dv = torch.empty(H // KV, B, T, KV, Dh)
+    rc = _lib().litft_attention_backward_bf16(_threads(), B, H, KV, T, kp.shape[2], Dh, 1 / math.sqrt(Dh),
+                                              q.data_ptr(), *q.stride()[:3], kp.data_ptr(), kt.data_ptr(),
+                                              vp.data_ptr(), out.data_ptr(), *out.stride()[:3], grad.data_ptr(),
+                                              *grad.stride()[:3], lse.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                                              dv.data_ptr())
+    if rc == 3:
+        raise RuntimeError("litft's bf16 attention backward needs AMX; check attention_bf16_supported() first")
+    _check(rc, q, k)
+    dk = (dk[0] if dk.shape[0] == 1 else dk.sum(0)).to(torch.bfloat16)
+    dv = (dv[0] if dv.shape[0] == 1 else dv.sum(0)).to(torch.bfloat16)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 

@@ -113,9 +113,12 @@ def test_rmsnorm(unit_offset):
     check(lambda x, w: RMSNormFunction.apply(x, w, 1e-5, unit_offset), reference, [bf16_leaf(3, 7, D, scale=3.0), w])
 
 
-def test_causal_attention():
-    """bf16 never reaches litft's attention kernel (fp32 only, `native.attention_supported`): the dispatch must
-    hand it to SDPA and stay exact to bf16 rounding, grouped kv heads included."""
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_causal_attention(head_dim):
+    """bf16 never reaches litft's fp32 attention kernel (`native.attention_supported`): head size 16 goes to SDPA,
+    32 (a multiple of the AMX tiles) to SDPA's forward and litft's AMX backward where the CPU has AMX
+    (`native.attention_bf16_supported`), else to SDPA. Either stays exact to bf16 rounding, grouped kv heads
+    included."""
     torch.manual_seed(0)
 
     def reference(q, k, v):
@@ -124,7 +127,8 @@ def test_causal_attention():
         causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
         return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
 
-    check(causal_attention, reference, [bf16_leaf(2, 4, 12, 16), bf16_leaf(2, 2, 12, 16), bf16_leaf(2, 2, 12, 16)])
+    D = head_dim
+    check(causal_attention, reference, [bf16_leaf(2, 4, 70, D), bf16_leaf(2, 2, 70, D), bf16_leaf(2, 2, 70, D)])
 
 
 def test_rmsnorm_and_swiglu_kernels_run_under_autocast(monkeypatch):

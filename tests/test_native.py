@@ -685,3 +685,92 @@ def test_dequantize_4bit_refuses_a_wrong_description():
         native.dequantize_4bit(codes[:-1], absmax, code, 64, torch.empty(8, 64))
     with pytest.raises(ValueError, match="do not describe"):
         native.dequantize_4bit(codes, absmax, code, 64, torch.empty(8, 64, dtype=torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------------ bf16 attention (AMX)
+AMX = KERNEL and native.amx_available()
+needs_amx = pytest.mark.skipif(not AMX, reason="this CPU (or this build, or the OS) has no AMX bf16 tiles")
+
+
+def sdpa_bf16_grads(q, k, v, grad):
+    """torch's own bf16 backward (its CPU flash-attention kernel), the bar litft's is held to."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]).backward(grad)
+    return [t.grad for t in leaves]
+
+
+def max_rel(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@needs_amx
+@pytest.mark.parametrize("B,H,KV,T,D", [
+    (2, 9, 3, 512, 64),    # SmolLM2-135M
+    (1, 4, 2, 77, 32),     # T not a multiple of 32 or 64, the smallest head size covered
+    (2, 4, 4, 130, 128),   # multi-head, Llama head size, a 2-token last block
+    (1, 3, 1, 200, 96),    # multi-query, head size 96 (Phi-3)
+    (1, 2, 2, 40, 256),    # the largest head size
+    (3, 2, 1, 2, 32),      # two tokens
+])
+def test_bf16_backward_is_as_exact_as_torchs(B, H, KV, T, D):
+    """bf16 q, k, v (model layout, scaled so that softmax is peaked, as trained attention is): the forward is SDPA's
+    bit for bit, and each gradient's largest error against float64 (computed from the same bf16 values) is at most
+    torch's own bf16 backward's (+ 1e-3, one bf16 rounding step of slack): both round P and dS to bf16 once."""
+    q, k, v, grad = model_layout(B, H, KV, T, D, seed=2)
+    q, k, v = (q * 2).bfloat16(), (k * 2).bfloat16(), v.bfloat16()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad = grad.bfloat16()
+    assert native.attention_bf16_supported(q, k, v)
+    out = causal_attention(q, k, v)
+    assert out.grad_fn is not None and "CausalAttentionBF16" in type(out.grad_fn).__name__
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV))
+    out.backward(grad)
+    _, *want = reference(q, k, v, grad)
+    for got, torchs, w in zip((q.grad, k.grad, v.grad), sdpa_bf16_grads(q, k, v, grad), want):
+        assert got.dtype == torch.bfloat16 and got.shape == w.shape
+        assert max_rel(got, w) <= max_rel(torchs, w) + 1e-3, (max_rel(got, w), max_rel(torchs, w))
+
+
+@needs_amx
+def test_bf16_backward_thread_counts_agree():
+    """Each (batch, head) task sums its rows in a fixed order: one thread gives the bits several give."""
+    q, k, v, grad = (t.bfloat16() for t in model_layout(2, 6, 2, 150, 64, seed=3))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (max(2, threads), 1):
+            torch.set_num_threads(n)
+            results.append(native.attention_backward_bf16(q, k, v, out, lse, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_bf16_attention_goes_to_the_kernel_only_where_it_applies(monkeypatch):
+    """With AMX: bf16 attention that needs gradients takes litft's backward; without gradients (generation), head
+    sizes not a multiple of 32, or LITFT_CPU_KERNELS=torch it is SDPA's, bit for bit. Without AMX: always SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 64, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = causal_attention(q, k, v)
+    assert ("CausalAttentionBF16" in type(out.grad_fn).__name__) == AMX
+    with torch.no_grad():
+        assert torch.equal(causal_attention(q, k, v), sdpa)
+    small = [t.detach()[..., :16].requires_grad_() for t in (q, k, v)]
+    assert not native.attention_bf16_supported(*small)
+    assert "CausalAttentionBF16" not in type(causal_attention(*small).grad_fn).__name__
+    monkeypatch.setenv("LITFT_CPU_KERNELS", "torch")
+    assert not native.attention_bf16_supported(q, k, v)
+    assert "CausalAttentionBF16" not in type(causal_attention(q, k, v).grad_fn).__name__
+
+
+@needs_amx
+def test_bf16_backward_refuses_shapes_it_does_not_tile():
+    """A head size the kernel does not tile is refused with the kernel's error, not computed wrong."""
+    q = torch.randn(1, 2, 8, 48).bfloat16()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True)[:2]
+    with pytest.raises(RuntimeError, match="rejected"):
+        native.attention_backward_bf16(q, q, q, out, lse, out)

@@ -7,6 +7,7 @@ them; read that file first. `tests/test_model.py` checks each against autograd t
 
     causal_attention / CausalAttention  SDPA with is_causal=True, through litft's flash-attention kernel; also
                                         within packed samples (PackedSegments) without a dense mask
+    CausalAttentionBF16                 the same in bf16: SDPA's forward, litft's AMX backward
     SwiGLU                              silu(gate) * up
     RMSNormFunction                     RMSNorm (Llama's and Gemma's rounding)
     Rope                                rotary embedding ("rotate half")
@@ -64,6 +65,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return CausalAttention.apply(q, k, v, starts)
     gqa = q.shape[1] != k.shape[1]
     if segments is None:
+        if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+                and native.attention_bf16_supported(q, k, v)):
+            return CausalAttentionBF16.apply(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=segments.dense_mask(), enable_gqa=gqa)
 
@@ -84,6 +88,22 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return *native.attention_backward(*ctx.saved_tensors, grad, ctx.seg_start), None
+
+
+class CausalAttentionBF16(torch.autograd.Function):
+    """bf16 causal attention: torch's CPU flash-attention forward (what SDPA runs), litft's AMX backward
+    (litft/csrc/kernels.cpp; ~2.5x torch's on a SmolLM2 layer). Keeps what SDPA keeps: q, k, v, the output and
+    one log-sum-exp per row."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return native.attention_backward_bf16(*ctx.saved_tensors, grad)
 
 
 class SwiGLU(torch.autograd.Function):
