@@ -660,7 +660,7 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
         bf16* dOtp = (bf16*)aligned_alloc(64, 2 * BQ * MAXD);
         bf16* Qp = (bf16*)aligned_alloc(64, 2 * BQ * MAXD);    // Q in pair layout (over queries): B of dS^T Q
         bf16* dOp = (bf16*)aligned_alloc(64, 2 * BQ * MAXD);
-        float* St = (float*)aligned_alloc(64, 4 * BK * BQ);     // S^T, then P^T (fp32)
+        float* St = (float*)aligned_alloc(64, 4 * BQ * MAXD);   // S^T (BK x BQ fp32); at the end of a query block dQ
         float* dPt = (float*)aligned_alloc(64, 4 * BK * BQ);
         bf16* Pt = (bf16*)aligned_alloc(64, 2 * BK * BQ);       // P^T (BK x BQ) row-major: A of P^T dO
         bf16* dSt = (bf16*)aligned_alloc(64, 2 * BK * BQ);      // dS^T row-major: A of dS^T Q
@@ -687,29 +687,34 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
             for (int ib = 0; ib < nqb; ib++) {
                 const int i0 = ib * BQ, nq = T - i0 < BQ ? T - i0 : BQ, nq32 = (nq + 31) & ~31;
                 for (int i = 0; i < nq32; i++) {
-                    const bf16* qr = q + b * qs0 + h * qs1 + (long)(i0 + i) * qs2;
-                    const bf16* orow = o + b * os0 + h * os1 + (long)(i0 + i) * os2;
-                    const bf16* dr = dout + b * ds0 + h * ds1 + (long)(i0 + i) * ds2;
-                    float dot = 0.f;
-                    for (int d = 0; d < Dh; d++) {
-                        Qs[i * Dh + d] = i < nq ? qr[d] : 0;
-                        dOs[i * Dh + d] = i < nq ? dr[d] : 0;
-                        if (i < nq) dot += widen1(dr[d]) * widen1(orow[d]);
+                    if (i >= nq) {  // padded rows: zero, so they add nothing to dK, dV
+                        memset(Qs + i * Dh, 0, 2 * Dh), memset(dOs + i * Dh, 0, 2 * Dh);
+                        Dl[i] = Ls[i] = 0.f;
+                        continue;
                     }
-                    Dl[i] = dot;
-                    Ls[i] = i < nq ? lse[((long)b * H + h) * T + i0 + i] * log2e : 0.f;
+                    const bf16* dr = dout + b * ds0 + h * ds1 + (long)(i0 + i) * ds2;
+                    const bf16* orow = o + b * os0 + h * os1 + (long)(i0 + i) * os2;
+                    memcpy(Qs + i * Dh, q + b * qs0 + h * qs1 + (long)(i0 + i) * qs2, 2 * Dh);
+                    memcpy(dOs + i * Dh, dr, 2 * Dh);
+                    vf dot = splat(0.f);
+                    for (int d = 0; d < Dh; d += VW) dot += load(dr + d) * load(orow + d);
+                    Dl[i] = hsum(dot);
+                    Ls[i] = lse[((long)b * H + h) * T + i0 + i] * log2e;
                 }
                 for (int i = nq32; i < BQ; i++) Dl[i] = Ls[i] = 0.f;
                 uint32_t *qtp = (uint32_t*)Qtp, *dotp = (uint32_t*)dOtp, *qp = (uint32_t*)Qp, *dop = (uint32_t*)dOp;
-                for (int d = 0; d < Dh; d += 2)  // (d, i) at [d / 2][i][d % 2]: the words of Q's rows, transposed
-                    for (int i = 0; i < nq32; i++) {
-                        qtp[d / 2 * nq32 + i] = pair(Qs[i * Dh + d], Qs[i * Dh + d + 1]);
-                        dotp[d / 2 * nq32 + i] = pair(dOs[i * Dh + d], dOs[i * Dh + d + 1]);
+                const uint32_t *qw = (const uint32_t*)Qs, *dow = (const uint32_t*)dOs;
+                for (int i = 0; i < nq32; i++)  // (d, i) at [d / 2][i][d % 2]: the 32-bit words of Q's rows, transposed
+                    for (int w = 0; w < Dh / 2; w++) {
+                        qtp[w * nq32 + i] = qw[i * Dh / 2 + w];
+                        dotp[w * nq32 + i] = dow[i * Dh / 2 + w];
                     }
-                for (int i = 0; i < nq32; i += 2)  // (i, d) at [i / 2][d][i % 2]
-                    for (int d = 0; d < Dh; d++) {
-                        qp[i / 2 * Dh + d] = pair(Qs[i * Dh + d], Qs[(i + 1) * Dh + d]);
-                        dop[i / 2 * Dh + d] = pair(dOs[i * Dh + d], dOs[(i + 1) * Dh + d]);
+                for (int i = 0; i < nq32; i += 2)  // (i, d) at [i / 2][d][i % 2]: rows i and i + 1 interleaved
+                    for (int d = 0; d < Dh; d += VW) {
+                        *(vu*)(qp + i / 2 * Dh + d) = ((vu)load(Qs + i * Dh + d) >> 16) |
+                                                      ((vu)load(Qs + (i + 1) * Dh + d) & 0xffff0000u);
+                        *(vu*)(dop + i / 2 * Dh + d) = ((vu)load(dOs + i * Dh + d) >> 16) |
+                                                       ((vu)load(dOs + (i + 1) * Dh + d) & 0xffff0000u);
                     }
                 for (int j0 = 0; j0 < i0 + nq; j0 += BK) {
                     const int nk = i0 + nq - j0 < BK ? i0 + nq - j0 : BK, nk32 = (nk + 31) & ~31;
@@ -740,9 +745,11 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
                     amx_gemm(nk32, Dh, nq32, dSt, BQ, Qp, 2 * Dh, dKa + (long)j0 * Dh, Dh, true);   // dK += dS^T Q
                     amx_gemm(Dh, nq32, nk32, ktp + j0, Tp, dStp, 2 * nq32, dQt, BQ, j0 > 0);       // dQ^T += K^T dS^T
                 }
+                for (int d = 0; d < Dh; d++)  // dQ^T -> dQ (fp32, reusing St), then rows rounded to bf16
+                    for (int i = 0; i < nq; i++) St[i * Dh + d] = dQt[d * BQ + i] * scale;
                 for (int i = 0; i < nq; i++) {
                     bf16* out = dq + (((long)b * T + i0 + i) * H + h) * Dh;
-                    for (int d = 0; d < Dh; d++) store1(out + d, dQt[d * BQ + i] * scale);
+                    for (int d = 0; d < Dh; d += VW) store(out + d, *(const vf*)(St + i * Dh + d));
                 }
             }
             float* dkp = dk + ((long)g * B + b) * T * KD + (long)kh * Dh;
