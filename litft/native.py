@@ -1,5 +1,6 @@
 """litft's compiled CPU kernels (``litft/csrc/kernels.cpp``), fp32: causal attention (also within packed samples),
-RMSNorm and SwiGLU (these two in bf16 too), the small-batch linear of decoding, and 4-bit dequantization (QLoRA).
+RMSNorm, SwiGLU and the cross-entropy's softmax gradient (these three in bf16 too), the small-batch linear of
+decoding, and 4-bit dequantization (QLoRA); bf16: causal attention backward on AMX tiles where the CPU has them.
 
 Why: on CPU a LoRA step of a small Llama spends most of its non-matmul time in a few places torch serves with
 general kernels: SDPA's flash-attention kernel (~70-110 GFLOP/s of causal work on a SmolLM2 layer, against
@@ -34,8 +35,9 @@ planted newer ``.so`` was loaded when tried; its FileBaton lock is an O_EXCL fil
 behind, after which every later process waits forever; and it links this plain-C library against libtorch
 and needs ninja. The build below uses the same compiler flags as before (``FLAGS``), so the speed is unchanged.
 
-Only fp32 CPU tensors take these paths (see `usable`); everything else is torch. Each wrapper here takes and
-returns tensors; the autograd functions around them live in ``litft/models/gpt.py``.
+Only fp32 CPU tensors take these paths (see `usable`; bf16 where a kernel says so); everything else is torch.
+Each wrapper here takes and returns tensors; the autograd functions around them live in
+``litft/models/fused.py``.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ from litft.utils import LitftError, atomic_path
 
 __all__ = ["kernels_choice", "enabled", "usable", "attention_supported", "attention_forward", "attention_backward",
            "amx_available", "attention_bf16_supported", "attention_backward_bf16",
-           "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward", "linear_small",
+           "rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward", "cross_entropy_", "linear_small",
            "dequantize_4bit"]
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
@@ -257,6 +259,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.litft_swiglu_backward.argtypes = lib.litft_swiglu_backward_bf16.argtypes = [i, c_long, p, p, p, p, p]
     lib.litft_linear_small.argtypes = [i, i, i, i, p, p, p, p]
     lib.litft_dequantize_4bit.argtypes = [i, c_long, i, p, p, p, p]
+    lib.litft_cross_entropy.argtypes = lib.litft_cross_entropy_bf16.argtypes = [i, c_long, i, p, p, p]
+    lib.litft_cross_entropy.restype = lib.litft_cross_entropy_bf16.restype = i
     lib.litft_amx_available.argtypes = []
     lib.litft_amx_available.restype = i
     lib.litft_attention_backward_bf16.argtypes = [i, i, i, i, i, i, i, f, p, c_long, c_long, c_long, p, p, p,
@@ -489,6 +493,24 @@ def swiglu_backward(gate: Tensor, up: Tensor, grad: Tensor) -> tuple[Tensor, Ten
 
 
 # ------------------------------------------------------------------------------------------ small-batch linear
+def cross_entropy_(logits: Tensor, targets: Tensor) -> Tensor:
+    """In place: each row of `logits` (rows, V; fp32 or bf16, contiguous) becomes softmax(row) - onehot(target), in
+    its dtype (fp32 math, rounded once). Returns the rows' losses logsumexp(row) - row[target] (fp32). Raises
+    IndexError, with logits unchanged, when a target lies outside [0, V)."""
+    if not logits.is_contiguous() or logits.dim() != 2:
+        raise ValueError(f"cross_entropy_ takes contiguous (rows, V) logits, got {tuple(logits.shape)}")
+    targets = targets.to(torch.int64).contiguous()
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    rc = getattr(_lib(), "litft_cross_entropy" + _suffix(logits))(_threads(), logits.shape[0], logits.shape[1],
+                                                                  logits.data_ptr(), targets.data_ptr(),
+                                                                  loss.data_ptr())
+    if rc != 0:
+        raise IndexError(f"a target token id lies outside the vocabulary [0, {logits.shape[1]}) (targets range "
+                         f"{int(targets.min())}..{int(targets.max())}): the labels do not match this model's "
+                         "tokenizer, or use -100 for positions without a loss")
+    return loss
+
+
 def linear_small(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (M, K) @ weight (N, K)^T + bias for a few rows (decoding): streams the weight at memory speed (see the
     kernel's comment). No autograd."""

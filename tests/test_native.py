@@ -774,3 +774,56 @@ def test_bf16_backward_refuses_shapes_it_does_not_tile():
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True)[:2]
     with pytest.raises(RuntimeError, match="rejected"):
         native.attention_backward_bf16(q, q, q, out, lse, out)
+
+
+# ------------------------------------------------------------------------------------------ cross-entropy
+def cross_entropy_reference(logits, targets):
+    """float64: each row's logsumexp - target logit, and softmax - onehot."""
+    x = logits.double()
+    loss = torch.logsumexp(x, 1) - x.gather(1, targets.unsqueeze(1)).squeeze(1)
+    grad = x.softmax(1)
+    grad[torch.arange(len(targets)), targets] -= 1
+    return loss, grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,V", [(37, 1003), (4, 49152), (1, 7)])
+def test_cross_entropy_matches_float64_reference(rows, V):
+    """fp32 logits spread like a trained head's (std 4, a few rows peaked): the loss and the gradient written in
+    place agree with float64 to fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, V, generator=g) * 4
+    logits[0, 3 % V] += 30  # a confident row: nearly all mass on one token
+    targets = torch.randint(0, V, (rows,), generator=g)
+    targets[0] = 3 % V
+    want_loss, want_grad = cross_entropy_reference(logits, targets)
+    got = logits.clone()
+    loss = native.cross_entropy_(got, targets)
+    torch.testing.assert_close(loss.double(), want_loss, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), want_grad, atol=1e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_cross_entropy_bf16_rounds_once():
+    """bf16 logits: fp32 math on the exact values, each gradient rounded to bf16 once -- within one bf16 rounding
+    of float64 (half a step, plus fp32 noise), as torch's fp32 softmax cast to bf16 is."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(9, 515, generator=g) * 4).bfloat16()
+    targets = torch.randint(0, 515, (9,), generator=g)
+    want_loss, want_grad = cross_entropy_reference(logits, targets)
+    got = logits.clone()
+    loss = native.cross_entropy_(got, targets)
+    assert got.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, atol=2e-5, rtol=1e-5)
+    assert ((got.double() - want_grad).abs() <= want_grad.abs() * 2 ** -8 * 1.01 + 1e-12).all()
+
+
+@needs_kernel
+def test_cross_entropy_refuses_a_target_outside_the_vocabulary():
+    logits = torch.randn(3, 10)
+    before = logits.clone()
+    with pytest.raises(IndexError, match=r"outside the vocabulary \[0, 10\)"):
+        native.cross_entropy_(logits, torch.tensor([1, 10, 2]))
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        native.cross_entropy_(logits, torch.tensor([-1, 0, 2]))
+    assert torch.equal(logits, before)

@@ -1,6 +1,7 @@
 // litft's compiled CPU kernels, fp32: causal (grouped-query) attention forward/backward (optionally within packed
-// segments), RMSNorm and SwiGLU forward/backward (these two in bf16 too), the small-batch linear of decoding, and the
-// dequantization of QLoRA's 4-bit weights.
+// segments), RMSNorm and SwiGLU forward/backward and the cross-entropy's softmax gradient (these three in bf16 too),
+// the small-batch linear of decoding, and the dequantization of QLoRA's 4-bit weights; bf16: causal attention
+// backward on AMX tiles (at the end of the file).
 // litft/native.py builds this file once per machine (g++ -O3 -march=native -fopenmp) and calls it through ctypes;
 // litft/models/gpt.py uses it where it applies and torch everywhere else.
 //
@@ -766,4 +767,49 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
     }
     return no_memory ? 2 : 0;  // 1: shapes outside the kernel; 2: no memory for its work buffers
 #endif
+}
+
+// ------------------------------------------------------------------------------------------ cross-entropy
+// The loss's softmax gradient, in place: each row x of logits (rows x V, fp32 or bf16, contiguous) becomes
+// softmax(x) - onehot(t) in x's type, and loss[r] = logsumexp(x) - x[t] (fp32). torch's ops make ~7 passes over the
+// (chunk x vocab) block (amax, sub, exp, sum, div, scatter, and in bf16 a cast each way, ~0.1 s of a SmolLM2 bf16
+// step); here the row is read once from memory and the two later passes find it in cache (a 49k-token row is
+// 100-200 KB). Math in fp32 from exact (widened) inputs, rounded once on store, as torch's fp32 softmax then cast.
+template <class T>
+static int cross_entropy_rows(int nthreads, long rows, int V, T* x, const int64_t* targets, float* loss) {
+    for (long r = 0; r < rows; r++)
+        if (targets[r] < 0 || targets[r] >= V) return 1;  // a label outside the vocabulary: nothing written
+    const int Vv = V & ~(VW - 1);
+    const float log2e = 1.4426950408889634f;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        T* row = x + r * V;
+        vf mv = splat(-INFINITY);
+        for (int j = 0; j < Vv; j += VW) mv = load(row + j) > mv ? load(row + j) : mv;
+        float mx = hmax(mv);
+        for (int j = Vv; j < V; j++) mx = load1(row + j) > mx ? load1(row + j) : mx;
+        // exp(x - max) = 2^((x - max) log2 e): the subtraction is exact near the max, where the mass is
+        const vf mxv = splat(mx), l2 = splat(log2e);
+        vf sv = splat(0.f);
+        for (int j = 0; j < Vv; j += VW) sv += exp2v((load(row + j) - mxv) * l2);
+        float sum = hsum(sv);
+        for (int j = Vv; j < V; j++) sum += exp2v(splat((load1(row + j) - mx) * log2e))[0];
+        const long t = targets[r];
+        const float xt = load1(row + t), inv = 1.f / sum;
+        loss[r] = mx + logf(sum) - xt;
+        const vf iv = splat(inv);
+        for (int j = 0; j < Vv; j += VW) store(row + j, exp2v((load(row + j) - mxv) * l2) * iv);
+        for (int j = Vv; j < V; j++) store1(row + j, exp2v(splat((load1(row + j) - mx) * log2e))[0] * inv);
+        // the target's probability as the loops computed it, minus one
+        store1(row + t, exp2v(splat((xt - mx) * log2e))[0] * inv - 1.f);
+    }
+    return 0;
+}
+
+extern "C" int litft_cross_entropy(int nthreads, long rows, int V, float* x, const int64_t* targets, float* loss) {
+    return cross_entropy_rows(nthreads, rows, V, x, targets, loss);
+}
+extern "C" int litft_cross_entropy_bf16(int nthreads, long rows, int V, bf16* x, const int64_t* targets,
+                                        float* loss) {
+    return cross_entropy_rows(nthreads, rows, V, x, targets, loss);
 }

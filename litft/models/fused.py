@@ -232,15 +232,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, len(targets), chunk_size):
             h_c, t_c = h[i : i + chunk_size], targets[i : i + chunk_size]
             h_c = h_c if low is None else h_c.to(low)
-            logits = linear(h_c, weight, bias).float()
-            target_logits = logits.gather(1, t_c.unsqueeze(1))
-            row_max = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
-            sums = probs.sum(dim=1, keepdim=True)
-            total = total + (row_max + sums.log() - target_logits).sum()
-            grad_logits = probs.div_(sums)  # softmax ...
-            grad_logits.scatter_add_(1, t_c.unsqueeze(1), grad_logits.new_full((len(t_c), 1), -1.0))  # ... - onehot
-            grad_logits = grad_logits.to(h_c.dtype)
+            logits = linear(h_c, weight, bias)
+            if native.usable(logits, bf16=True, elementwise=True) and logits.dtype == h_c.dtype:
+                total = total + native.cross_entropy_(logits, t_c).sum()  # one pass, in place (litft/native.py)
+                grad_logits = logits
+            else:
+                logits = logits.float()
+                target_logits = logits.gather(1, t_c.unsqueeze(1))
+                row_max = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
+                sums = probs.sum(dim=1, keepdim=True)
+                total = total + (row_max + sums.log() - target_logits).sum()
+                grad_logits = probs.div_(sums)  # softmax ...
+                grad_logits.scatter_add_(1, t_c.unsqueeze(1), grad_logits.new_full((len(t_c), 1), -1.0))  # - onehot
+                grad_logits = grad_logits.to(h_c.dtype)
             if needs_h:
                 grad_h[i : i + chunk_size] = mm(grad_logits, weight)
             if needs_w:  # accumulated in place: one head-sized buffer (in the products' dtype, as autocast's was)
