@@ -586,6 +586,8 @@ struct TileConfig {
     uint8_t rows[16];
 };
 
+// The tile configuration is per thread and shared with torch's own AMX users (oneDNN, cpublas::brgemm), which
+// configure on entry and release on exit; so does this kernel (configure per call, _tile_release at the end).
 static void amx_configure() {  // eight tiles of 16 rows x 64 bytes: 4 accumulators, 2 A, 2 B
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
