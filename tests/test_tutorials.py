@@ -313,6 +313,7 @@ QUOTED = [
     ("README.md", "## Speed and memory", BENCH, ["### Current code (third session)", "## DoRA vs LoRA",
                                                  "## Greedy decoding", "## Shared cores", "## Real SFT batches",
                                                  "### bf16 on this CPU",
+                                                 "## Issue 21, fifth session",
                                                  "## Issue 21 on the fourth session's machine"]),
     ("README.md", "### QLoRA: a quantized frozen base", "tutorials/qlora.md", ["## Modes", "## How it works", "## Measured"]),
     ("tutorials/methods.md", "### What DoRA costs (benchmark)", BENCH, ["## Machine", "## DoRA vs LoRA"]),

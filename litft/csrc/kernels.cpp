@@ -741,7 +741,8 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
                                 words[r] = (vu)roundv(ds);
                             }
                             // bf16 of key j in the low half, key j + 1 in the high half (little-endian pairs)
-                            *(vu*)(dStp + (long)(j / 2) * 2 * nq32 + 2 * i) = (words[0] >> 16) | (words[1] & 0xffff0000u);
+                            *(vu*)(dStp + (long)(j / 2) * 2 * nq32 + 2 * i) =
+                                (words[0] >> 16) | (words[1] & 0xffff0000u);
                         }
                     }
                     amx_gemm(nk32, Dh, nq32, Pt, BQ, dOp, 2 * Dh, dVa + (long)j0 * Dh, Dh, true);   // dV += P^T dO
