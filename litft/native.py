@@ -296,7 +296,8 @@ def enabled() -> bool:
 def usable(*tensors: Tensor, bf16: bool = False, elementwise: bool = False) -> bool:
     """All fp32 CPU tensors (or, with bf16=True, all fp32 or all bf16: RMSNorm and SwiGLU take both), outside
     tracing/compiling, the kernels are built, and no CPU autocast -- unless `elementwise`: autocast would run
-    attention and products in bf16, but leaves elementwise ops (RMSNorm's and SwiGLU's) in their inputs' dtype."""
+    attention and products in bf16, but leaves elementwise ops (RMSNorm's and SwiGLU's) in their inputs' dtype, and
+    has nothing to cast in tensors already bf16 (the bf16 attention backward's inputs)."""
     dtype = tensors[0].dtype if bf16 and tensors[0].dtype == torch.bfloat16 else torch.float32
     return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
             and (elementwise or not torch.is_autocast_enabled("cpu")) and not torch.jit.is_tracing()
@@ -315,10 +316,16 @@ def _threads() -> int:
 
 
 # ------------------------------------------------------------------------------------------ attention
+def _causal_shapes(q: Tensor, k: Tensor, v: Tensor, head_multiple: int) -> bool:
+    """q (B, H, T, Dh), k/v (B, KV, T, Dh) with KV dividing H, equal lengths, Dh a multiple of `head_multiple` and at
+    most MAX_HEAD_DIM: the shapes the attention kernels tile."""
+    return (q.dim() == 4 and q.shape[-1] % head_multiple == 0 and q.shape[-1] <= MAX_HEAD_DIM
+            and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2] == v.shape[2])
+
+
 def attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """q (B, H, T, Dh), k/v (B, KV, T, Dh), causal over equal lengths: what the kernel covers."""
-    return (q.dim() == 4 and q.shape[-1] % 16 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[1] % k.shape[1] == 0
-            and q.shape[2] == k.shape[2] == v.shape[2] and usable(q, k, v))
+    return _causal_shapes(q, k, v, 16) and usable(q, k, v)
 
 
 def _last_contiguous(t: Tensor) -> Tensor:
@@ -411,10 +418,9 @@ def amx_available() -> bool:
 def attention_bf16_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """bf16 q (B, H, T, Dh), k/v (B, KV, T, Dh), causal over equal lengths, head size a multiple of 32, and AMX:
     what `attention_backward_bf16` covers (autocast or not: the inputs are bf16 either way)."""
-    return (q.dim() == 4 and q.shape[-1] % 32 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[1] % k.shape[1] == 0
-            and q.shape[2] == k.shape[2] == v.shape[2]
-            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in (q, k, v))
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and amx_available())
+    # usable(elementwise=True): autocast is allowed, as it has nothing to cast in inputs that are bf16 already
+    return (_causal_shapes(q, k, v, 32) and q.dtype == torch.bfloat16
+            and usable(q, k, v, bf16=True, elementwise=True) and amx_available())
 
 
 def attention_backward_bf16(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad: Tensor

@@ -160,6 +160,20 @@ static void mask_block(float* S, int nq4, int nq, int nk16, int nk, int i0, int 
 // The first key block a query block starting at i0 needs (all of them without segments).
 static inline int first_key_block(const int* seg_start, int i0) { return seg_start ? seg_start[i0] / BK * BK : 0; }
 
+// One (batch b, query head h) task's dK (times dk_mul) and dV, accumulated over the head's keys as (Tp x Dh), into
+// the caller's (G, B, T, KV, Dh) partial sums at the head's place g in its kv group kh (one slot per task: no races).
+static void store_kv_partials(float* dk, float* dv, const float* dKa, const float* dVa, float dk_mul, int g, int b,
+                              int kh, int B, int T, int KV, int Dh) {
+    const long KD = (long)KV * Dh;
+    float* dkp = dk + ((long)g * B + b) * T * KD + (long)kh * Dh;
+    float* dvp = dv + ((long)g * B + b) * T * KD + (long)kh * Dh;
+    for (int j = 0; j < T; j++)
+        for (int d = 0; d < Dh; d++) {
+            dkp[j * KD + d] = dKa[(long)j * Dh + d] * dk_mul;
+            dvp[j * KD + d] = dVa[(long)j * Dh + d];
+        }
+}
+
 // ------------------------------------------------------------------------------------------ attention
 extern "C" int litft_attention_forward(int nthreads, int B, int H, int KV, int T, int Tp, int Dh, float scale,
                                        const float* q, long qs0, long qs1, long qs2, const float* kt,
@@ -238,7 +252,7 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
     if (Dh % 16 || Dh > MAXD || H % KV || Tp % BK || Tp < T) return 1;
     const int G = H / KV, nqb = (T + BQ - 1) / BQ;
     const float c = scale * 1.4426950408889634f;
-    const long HD = (long)H * Dh, KD = (long)KV * Dh;
+    const long HD = (long)H * Dh;
     int no_memory = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -303,13 +317,7 @@ extern "C" int litft_attention_backward(int nthreads, int B, int H, int KV, int 
                     for (int d = 0; d < Dh; d++) dq[row0 + i * HD + d] = dQa[i * Dh + d] * scale;
             }
             // dKa holds dS^T (c q) = log2(e) * scale dS^T q: times ln(2) gives dK
-            float* dkp = dk + ((long)g * B + b) * T * KD + (long)kh * Dh;
-            float* dvp = dv + ((long)g * B + b) * T * KD + (long)kh * Dh;
-            for (int j = 0; j < T; j++)
-                for (int d = 0; d < Dh; d++) {
-                    dkp[j * KD + d] = dKa[(long)j * Dh + d] * 0.6931471805599453f;
-                    dvp[j * KD + d] = dVa[(long)j * Dh + d];
-                }
+            store_kv_partials(dk, dv, dKa, dVa, 0.6931471805599453f, g, b, kh, B, T, KV, Dh);
         }
         free(Qs), free(dOs), free(dQa), free(S), free(dP), free(dKa), free(dVa);
     }
@@ -645,15 +653,12 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
                                              long os2, const bf16* dout, long ds0, long ds1, long ds2,
                                              const float* lse, bf16* dq, float* dk, float* dv) {
 #ifndef LITFT_AMX
-    (void)nthreads, (void)B, (void)H, (void)KV, (void)T, (void)Tp, (void)Dh, (void)scale, (void)q, (void)qs0;
-    (void)qs1, (void)qs2, (void)kp, (void)kt, (void)vp, (void)o, (void)os0, (void)os1, (void)os2, (void)dout;
-    (void)ds0, (void)ds1, (void)ds2, (void)lse, (void)dq, (void)dk, (void)dv;
     return 3;
 #else
     if (Dh % 32 || Dh > MAXD || H % KV || Tp % BK || Tp < T) return 1;
     const int G = H / KV, nqb = (T + BQ - 1) / BQ;
     const float log2e = 1.4426950408889634f, c = scale * log2e;
-    const long KD = (long)KV * Dh;
+    const vi lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};  // LITFT_AMX implies AVX-512: VW == 16
     int no_memory = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -725,8 +730,7 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
                     amx_gemm(nk32, nq32, Dh, vpp + (long)j0 * Dh, Dh, dOtp, 2 * nq32, dPt, BQ, false);  // dP^T
                     for (int j = 0; j < nk32; j += 2) {
                         for (int i = 0; i < nq32; i += VW) {
-                            const vi col = __builtin_convertvector(
-                                vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, vi) + (i0 + i);
+                            const vi col = lanes + (i0 + i);  // the 16 queries' positions
                             const vf lv = *(const vf*)(Ls + i), dl = *(const vf*)(Dl + i);
                             vu words[2];
                             for (int r = 0; r < 2; r++) {  // keys j and j + 1: one pair-layout word per query
@@ -756,13 +760,7 @@ extern "C" int litft_attention_backward_bf16(int nthreads, int B, int H, int KV,
                     for (int d = 0; d < Dh; d += VW) store(out + d, *(const vf*)(St + i * Dh + d));
                 }
             }
-            float* dkp = dk + ((long)g * B + b) * T * KD + (long)kh * Dh;
-            float* dvp = dv + ((long)g * B + b) * T * KD + (long)kh * Dh;
-            for (int j = 0; j < T; j++)
-                for (int d = 0; d < Dh; d++) {
-                    dkp[j * KD + d] = dKa[(long)j * Dh + d] * scale;
-                    dvp[j * KD + d] = dVa[(long)j * Dh + d];
-                }
+            store_kv_partials(dk, dv, dKa, dVa, scale, g, b, kh, B, T, KV, Dh);  // dKa holds dS^T Q
         }
         if (ok) _tile_release();
         free(Qs), free(dOs), free(Qtp), free(dOtp), free(Qp), free(dOp), free(St), free(dPt), free(Pt), free(dSt);
